@@ -1,0 +1,309 @@
+"""Losses for ReLIFT: group advantages, the policy-gradient loss, KL estimates and the SFT loss.
+
+Array in, array out: every function is a pure jnp function that can be jitted (string and clip
+arguments are static). All arithmetic is done in float32 whatever the input dtype, because these
+are the numerically sensitive reductions of training.
+
+Shape key:
+    B  sequences in a (micro-)batch
+    T  tokens per sequence (response positions)
+    V  vocabulary size
+    N  questions
+    G  generations (rollouts) per question
+
+Gradient accumulation: `aggregate`, `policy_loss` and `sft_loss` accept external denominators
+(`num_tokens`, `num_seqs`). When a mini-batch is split into micro-batches and each micro-batch is
+given the denominators of the WHOLE mini-batch, the sum of the micro-batch losses equals the loss
+of the whole mini-batch computed with the default denominators.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+ArrayLike = Any  # numpy or jax array, or a Python scalar
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_KINDS = ("k1", "k3", "low_var_kl")
+
+
+def group_advantages(
+    rewards: ArrayLike, group_size: int, *, scale_by_std: bool, eps: float = 1e-6
+) -> jax.Array:
+    """Group-relative advantages (GRPO; Dr.GRPO when `scale_by_std` is False).
+
+    Args:
+        rewards: `[N*G]` rewards, ordered group by group (the G rollouts of question 0 first).
+        group_size: G, the number of rollouts per question.
+        scale_by_std: divide by (population std of the group (ddof=0) + eps).
+        eps: added to the std so that a group with equal rewards gets advantage 0, not NaN.
+
+    Returns:
+        `[N*G]` float32 advantages.
+
+    Raises:
+        ValueError: if `rewards` is not 1-D, `group_size` < 1 or the length is not divisible by it.
+    """
+    rewards_NG = jnp.asarray(rewards, dtype=jnp.float32)
+    if rewards_NG.ndim != 1:
+        raise ValueError(f"rewards must be 1-D [N*G], got shape {rewards_NG.shape}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if rewards_NG.shape[0] % group_size != 0:
+        raise ValueError(
+            f"number of rewards {rewards_NG.shape[0]} is not divisible by "
+            f"group size {group_size}"
+        )
+    rewards_NxG = rewards_NG.reshape(-1, group_size)
+    adv_NxG = rewards_NxG - rewards_NxG.mean(axis=1, keepdims=True)
+    if scale_by_std:
+        adv_NxG = adv_NxG / (rewards_NxG.std(axis=1, keepdims=True) + eps)
+    return adv_NxG.reshape(-1)
+
+
+def aggregate(
+    loss_BxT: ArrayLike,
+    mask_BxT: ArrayLike,
+    agg: str,
+    *,
+    norm_len: float | None = None,
+    num_tokens: ArrayLike | None = None,
+    num_seqs: ArrayLike | None = None,
+) -> jax.Array:
+    """Reduces a per-token loss to a scalar.
+
+    Modes:
+        "token-mean": sum(loss * mask) / num_tokens.
+        "seq-mean-token-mean": sum over rows of (masked mean of the row; 0 for an empty row)
+            / num_seqs.
+        "seq-mean-token-sum-norm": sum over rows of (masked sum of the row / norm_len) / num_seqs
+            (Dr.GRPO; `norm_len` is typically the padded response length).
+
+    Default denominators: num_tokens = number of masked tokens; num_seqs = number of rows with at
+    least one masked token (all-padding rows do not count). Both are floored at 1 so that an empty
+    batch gives 0, not NaN. Pass the mini-batch's values when accumulating over micro-batches.
+
+    Args:
+        loss_BxT: per-token loss `[B, T]`.
+        mask_BxT: `[B, T]` 1 for tokens that count, 0 for padding (bool, int or float).
+        agg: one of `AGG_MODES`.
+        norm_len: the constant per-sequence divisor; required for "seq-mean-token-sum-norm".
+        num_tokens: external token count (token-mean).
+        num_seqs: external sequence count (seq-mean-*).
+
+    Returns:
+        float32 scalar.
+
+    Raises:
+        ValueError: for an unknown `agg`, or "seq-mean-token-sum-norm" without `norm_len`.
+    """
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {AGG_MODES}")
+    mask_BxT = jnp.asarray(mask_BxT).astype(jnp.float32)
+    # where, not a plain product: padded positions may hold inf/NaN (e.g. garbage logprobs).
+    loss_BxT = jnp.where(mask_BxT != 0, jnp.asarray(loss_BxT, jnp.float32), 0.0) * mask_BxT
+
+    if agg == "token-mean":
+        denom = jnp.sum(mask_BxT) if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
+        return jnp.sum(loss_BxT) / jnp.maximum(denom, 1.0)
+
+    tokens_B = jnp.sum(mask_BxT, axis=1)
+    if num_seqs is None:
+        denom = jnp.sum((tokens_B > 0).astype(jnp.float32))
+    else:
+        denom = jnp.asarray(num_seqs, jnp.float32)
+    denom = jnp.maximum(denom, 1.0)
+    if agg == "seq-mean-token-mean":
+        seq_B = jnp.sum(loss_BxT, axis=1) / jnp.maximum(tokens_B, 1.0)
+    else:
+        if norm_len is None:
+            raise ValueError(
+                "aggregation 'seq-mean-token-sum-norm' needs norm_len (e.g. the padded response "
+                "length), got None"
+            )
+        seq_B = jnp.sum(loss_BxT, axis=1) / jnp.asarray(norm_len, jnp.float32)
+    return jnp.sum(seq_B) / denom
+
+
+def _masked_token_mean(
+    x_BxT: jax.Array, mask_BxT: jax.Array, num_tokens: ArrayLike | None
+) -> jax.Array:
+    """sum(x * mask) / max(num_tokens or sum(mask), 1), safe against inf/NaN at padding."""
+    return aggregate(x_BxT, mask_BxT, "token-mean", num_tokens=num_tokens)
+
+
+def policy_loss(
+    logprobs: ArrayLike,
+    old_logprobs: ArrayLike,
+    advantages: ArrayLike,
+    mask: ArrayLike,
+    *,
+    clip_low: float | None,
+    clip_high: float | None,
+    agg: str,
+    norm_len: float | None = None,
+    num_tokens: ArrayLike | None = None,
+    num_seqs: ArrayLike | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Policy-gradient loss -A * ratio, optionally PPO-clipped, aggregated by `aggregate`.
+
+    With clipping the per-token loss is max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high));
+    clip_high > clip_low is "clip-higher" (DAPO). ReLIFT's default is no clipping (both None).
+
+    Args:
+        logprobs: `[B, T]` log-probabilities of the sampled tokens under the current policy.
+        old_logprobs: `[B, T]` the same under the policy that sampled them.
+        advantages: `[B]` one advantage per sequence.
+        mask: `[B, T]` response-token mask.
+        clip_low, clip_high: both None (no clipping) or both floats.
+        agg, norm_len, num_tokens, num_seqs: as in `aggregate`.
+
+    Returns:
+        (loss, metrics). metrics holds float32 scalars:
+            pg_loss: the loss;
+            clip_frac: token-mean of "the clipped branch is strictly larger" (0 without clipping);
+            approx_kl: token-mean of (old_logprobs - logprobs), verl's `ppo_kl` (the k1 estimator);
+            ratio_mean: token-mean of the ratio;
+            ratio_max: max of the ratio over masked tokens (0 if none).
+        The token-means use `num_tokens` when given, so like the loss they SUM over micro-batches;
+        ratio_max combines by max.
+
+    Raises:
+        ValueError: if exactly one of clip_low / clip_high is None, or as in `aggregate`.
+    """
+    if (clip_low is None) != (clip_high is None):
+        raise ValueError(
+            "clip_low and clip_high must both be None or both be floats, "
+            f"got clip_low={clip_low}, clip_high={clip_high}"
+        )
+    logprobs_BxT = jnp.asarray(logprobs, jnp.float32)
+    old_logprobs_BxT = jnp.asarray(old_logprobs, jnp.float32)
+    adv_Bx1 = jnp.asarray(advantages, jnp.float32)[:, None]
+    mask_BxT = jnp.asarray(mask).astype(jnp.float32)
+    valid_BxT = mask_BxT != 0
+
+    # Zero the log-ratio at padding before exp: neither the value nor its gradient may overflow
+    # there.
+    log_ratio_BxT = jnp.where(valid_BxT, logprobs_BxT - old_logprobs_BxT, 0.0)
+    ratio_BxT = jnp.exp(log_ratio_BxT)
+    loss_BxT = -adv_Bx1 * ratio_BxT
+    if clip_low is None:
+        clipped_BxT = jnp.zeros_like(loss_BxT)
+    else:
+        clipped_loss_BxT = -adv_Bx1 * jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high)
+        clipped_BxT = (clipped_loss_BxT > loss_BxT).astype(jnp.float32)
+        loss_BxT = jnp.maximum(loss_BxT, clipped_loss_BxT)
+
+    loss = aggregate(
+        loss_BxT, mask_BxT, agg, norm_len=norm_len, num_tokens=num_tokens, num_seqs=num_seqs
+    )
+    # Metrics are diagnostics: keep them out of the gradient.
+    ratio_BxT = jax.lax.stop_gradient(ratio_BxT)
+    metrics = {
+        "pg_loss": loss,
+        "clip_frac": _masked_token_mean(clipped_BxT, mask_BxT, num_tokens),
+        "approx_kl": _masked_token_mean(
+            -jax.lax.stop_gradient(log_ratio_BxT), mask_BxT, num_tokens
+        ),
+        "ratio_mean": _masked_token_mean(ratio_BxT, mask_BxT, num_tokens),
+        # ratio > 0, so 0 at padding never wins over a real token.
+        "ratio_max": jnp.max(jnp.where(valid_BxT, ratio_BxT, 0.0)),
+    }
+    return loss, metrics
+
+
+def kl_penalty(logprobs: ArrayLike, ref_logprobs: ArrayLike, kind: str) -> jax.Array:
+    """Per-token estimate of KL(policy || reference) from sampled-token log-probabilities.
+
+    Args:
+        logprobs: `[B, T]` under the policy.
+        ref_logprobs: `[B, T]` under the reference model.
+        kind: "k1": logp - ref; "k3": exp(ref - logp) - (ref - logp) - 1 (unbiased, non-negative);
+            "low_var_kl": k3 as in verl, with ref - logp clamped to [-20, 20] and the result to
+            [-10, 10].
+
+    Returns:
+        `[B, T]` float32 (unmasked; aggregate it with the response mask).
+
+    Raises:
+        ValueError: for an unknown kind.
+    """
+    logprobs_BxT = jnp.asarray(logprobs, jnp.float32)
+    ref_logprobs_BxT = jnp.asarray(ref_logprobs, jnp.float32)
+    if kind == "k1":
+        return logprobs_BxT - ref_logprobs_BxT
+    if kind in ("k3", "low_var_kl"):
+        diff_BxT = ref_logprobs_BxT - logprobs_BxT
+        if kind == "low_var_kl":
+            diff_BxT = jnp.clip(diff_BxT, -20.0, 20.0)
+        kl_BxT = jnp.exp(diff_BxT) - diff_BxT - 1.0
+        return jnp.clip(kl_BxT, -10.0, 10.0) if kind == "low_var_kl" else kl_BxT
+    raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_KINDS}")
+
+
+def token_logprobs_and_entropy(
+    logits_BxTxV: ArrayLike, targets_BxT: ArrayLike, *, temperature: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """Log-probabilities of the targets and the entropy of the full distribution, in float32.
+
+    Materialises a `[B, T, V]` float32 log-softmax; callers with a large vocabulary should chunk
+    over T.
+
+    Args:
+        logits_BxTxV: `[B, T, V]` logits (any float dtype).
+        targets_BxT: `[B, T]` integer token ids.
+        temperature: the logits are divided by it, as in sampling, so that logprobs match the
+            sampler.
+
+    Returns:
+        (logprobs_BxT, entropy_BxT), both float32: log softmax(logits / temperature)[target] and
+        -sum_v p_v log p_v.
+    """
+    scaled_BxTxV = jnp.asarray(logits_BxTxV, jnp.float32) / temperature
+    logp_BxTxV = jax.nn.log_softmax(scaled_BxTxV, axis=-1)
+    targets_BxT = jnp.asarray(targets_BxT).astype(jnp.int32)
+    logprobs_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    p_BxTxV = jnp.exp(logp_BxTxV)
+    # A -inf logit (masked vocabulary) gives p = 0 and logp = -inf; count it as 0, not NaN.
+    safe_logp_BxTxV = jnp.where(p_BxTxV > 0, logp_BxTxV, 0.0)
+    entropy_BxT = -jnp.sum(p_BxTxV * safe_logp_BxTxV, axis=-1)
+    return logprobs_BxT, entropy_BxT
+
+
+def sft_loss(
+    logits: ArrayLike,
+    targets: ArrayLike,
+    mask: ArrayLike,
+    *,
+    entropy_coef: float = 0.0,
+    num_tokens: ArrayLike | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token-mean negative log-likelihood minus an entropy bonus (ReLIFT's SFT step).
+
+    Args:
+        logits: `[B, T, V]` logits predicting `targets`.
+        targets: `[B, T]` target token ids.
+        mask: `[B, T]` 1 for demonstration tokens (response incl. EOS), 0 for prompt and padding.
+        entropy_coef: weight of the entropy bonus (ReLIFT default 0.001).
+        num_tokens: external token count for gradient accumulation (default: masked tokens here).
+
+    Returns:
+        (loss, metrics) with metrics float32 scalars: nll, entropy (token-means, with the same
+        denominator as the loss, so they sum over micro-batches), loss, and num_tokens (the masked
+        tokens in THIS batch).
+    """
+    logprobs_BxT, entropy_BxT = token_logprobs_and_entropy(logits, targets)
+    mask_BxT = jnp.asarray(mask).astype(jnp.float32)
+    nll = _masked_token_mean(-logprobs_BxT, mask_BxT, num_tokens)
+    entropy = _masked_token_mean(entropy_BxT, mask_BxT, num_tokens)
+    loss = nll - entropy_coef * entropy
+    metrics = {
+        "nll": nll,
+        "entropy": entropy,
+        "loss": loss,
+        "num_tokens": jnp.sum(mask_BxT),
+    }
+    return loss, metrics

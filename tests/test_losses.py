@@ -1,0 +1,361 @@
+"""Tests for relift_jax.losses against independent float64 numpy references written here.
+
+Shape key: B batch, T tokens, V vocab, N questions, G generations per question.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from relift_jax import losses
+
+TOL = dict(rtol=1e-6, atol=1e-6)
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+CLIPS = ((None, None), (0.2, 0.2), (0.2, 0.28))
+B, T, V = 8, 12, 11
+NORM_LEN = float(T)
+
+
+# ----------------------------------------------------------------------------- numpy references
+
+
+def np_group_advantages(rewards, g, scale_by_std, eps=1e-6):
+    out = np.empty(len(rewards), np.float64)
+    for start in range(0, len(rewards), g):
+        grp = np.asarray(rewards[start : start + g], np.float64)
+        mean = sum(grp) / g
+        adv = grp - mean
+        if scale_by_std:
+            std = np.sqrt(sum((grp - mean) ** 2) / g)  # ddof=0
+            adv = adv / (std + eps)
+        out[start : start + g] = adv
+    return out
+
+
+def np_aggregate(loss, mask, agg, norm_len=None, num_tokens=None, num_seqs=None):
+    loss = np.asarray(loss, np.float64)
+    mask = np.asarray(mask, np.float64)
+    if agg == "token-mean":
+        n = mask.sum() if num_tokens is None else num_tokens
+        return (loss * mask).sum() / max(n, 1)
+    total = 0.0
+    count = 0
+    for row_loss, row_mask in zip(loss, mask):
+        k = row_mask.sum()
+        if k > 0:
+            count += 1
+        s = (row_loss * row_mask).sum()
+        if agg == "seq-mean-token-mean":
+            total += s / k if k > 0 else 0.0
+        else:
+            total += s / norm_len
+    n = count if num_seqs is None else num_seqs
+    return total / max(n, 1)
+
+
+def np_policy_loss(logp, old, adv, mask, clip_low, clip_high, agg, **denoms):
+    logp, old, adv = (np.asarray(x, np.float64) for x in (logp, old, adv))
+    mask = np.asarray(mask, np.float64)
+    ratio = np.exp(logp - old)
+    unclipped = -adv[:, None] * ratio
+    if clip_low is None:
+        per_tok = unclipped
+        clipped_active = np.zeros_like(ratio)
+    else:
+        lo, hi = 1.0 - clip_low, 1.0 + clip_high
+        clipped = -adv[:, None] * np.minimum(np.maximum(ratio, lo), hi)
+        per_tok = np.maximum(unclipped, clipped)
+        clipped_active = (clipped > unclipped).astype(np.float64)
+    n_tok = mask.sum() if denoms.get("num_tokens") is None else denoms["num_tokens"]
+    n_tok = max(n_tok, 1)
+    loss = np_aggregate(per_tok, mask, agg, **denoms)
+    return loss, {
+        "clip_frac": (clipped_active * mask).sum() / n_tok,
+        "approx_kl": ((old - logp) * mask).sum() / n_tok,
+        "ratio_mean": (ratio * mask).sum() / n_tok,
+        "ratio_max": ratio[mask > 0].max(),
+    }
+
+
+def np_log_softmax(logits):
+    x = np.asarray(logits, np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
+def np_logprobs_entropy(logits, targets, temperature):
+    logp = np_log_softmax(np.asarray(logits, np.float64) / temperature)
+    picked = np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    entropy = -(np.exp(logp) * logp).sum(axis=-1)
+    return picked, entropy
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def ragged_mask(rng, b=B, t=T):
+    """Right-padded rows of random length; row 2 is all padding, row 0 is full."""
+    lengths = rng.integers(1, t + 1, size=b)
+    lengths[0] = t
+    lengths[2] = 0
+    return (np.arange(t)[None, :] < lengths[:, None]).astype(np.float32)
+
+
+def pg_inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    logp = rng.normal(-2.0, 1.0, size=(B, T)).astype(np.float32)
+    # Log-ratios of up to ~±0.6 so that both clip boundaries are crossed.
+    old = (logp + rng.normal(0.0, 0.3, size=(B, T))).astype(np.float32)
+    adv = rng.normal(0.0, 1.0, size=B).astype(np.float32)
+    mask = ragged_mask(rng)
+    # Garbage at padding must not leak into any result.
+    logp[mask == 0] = 200.0  # exp(200 - old) overflows float32
+    return logp, old, adv, mask
+
+
+def denoms_of(mask):
+    """The mini-batch denominators a train step would pass to each micro-batch."""
+    return dict(num_tokens=float(mask.sum()), num_seqs=float((mask.sum(axis=1) > 0).sum()))
+
+
+# ----------------------------------------------------------------------------- group_advantages
+
+
+@pytest.mark.parametrize("scale_by_std", [False, True])
+def test_group_advantages(scale_by_std):
+    rng = np.random.default_rng(1)
+    g = 4
+    rewards = rng.integers(0, 2, size=5 * g).astype(np.float32)
+    rewards[0:g] = 1.0  # all correct
+    rewards[g : 2 * g] = 0.0  # all wrong
+    rewards[2 * g : 3 * g] = rng.normal(size=g)  # non-binary rewards too
+    out = np.asarray(losses.group_advantages(rewards, g, scale_by_std=scale_by_std))
+    assert out.dtype == np.float32 and out.shape == rewards.shape
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out[: 2 * g], 0.0)
+    np.testing.assert_allclose(out, np_group_advantages(rewards, g, scale_by_std), **TOL)
+
+
+def test_group_advantages_jax_input_and_jit():
+    rewards = jnp.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], jnp.float32)
+    fn = jax.jit(functools.partial(losses.group_advantages, group_size=3, scale_by_std=True))
+    np.testing.assert_allclose(
+        np.asarray(fn(rewards)), np_group_advantages(np.asarray(rewards), 3, True), **TOL
+    )
+
+
+def test_group_advantages_not_divisible():
+    with pytest.raises(ValueError, match="not divisible"):
+        losses.group_advantages(np.zeros(10), 4, scale_by_std=False)
+
+
+# ----------------------------------------------------------------------------- policy_loss
+
+
+@pytest.mark.parametrize("clip", CLIPS, ids=["noclip", "clip0.2", "cliphigher"])
+@pytest.mark.parametrize("agg", AGGS)
+def test_policy_loss_matches_numpy(agg, clip):
+    logp, old, adv, mask = pg_inputs()
+    clip_low, clip_high = clip
+    fn = jax.jit(
+        functools.partial(
+            losses.policy_loss, clip_low=clip_low, clip_high=clip_high, agg=agg, norm_len=NORM_LEN
+        )
+    )
+    loss, metrics = fn(logp, old, adv, mask)
+    ref_loss, ref = np_policy_loss(
+        logp, old, adv, mask, clip_low, clip_high, agg, norm_len=NORM_LEN
+    )
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(float(loss), ref_loss, **TOL)
+    np.testing.assert_allclose(float(metrics["pg_loss"]), ref_loss, **TOL)
+    for key in ("clip_frac", "approx_kl", "ratio_mean", "ratio_max"):
+        np.testing.assert_allclose(float(metrics[key]), ref[key], err_msg=key, **TOL)
+    if clip_low is None:
+        assert float(metrics["clip_frac"]) == 0.0
+    else:
+        assert float(metrics["clip_frac"]) > 0.0  # the inputs really exercise clipping
+
+
+def test_clip_higher_differs_from_symmetric_clip():
+    logp, old, adv, mask = pg_inputs()
+    sym, _ = losses.policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.2, agg="token-mean")
+    hi, _ = losses.policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, agg="token-mean")
+    assert abs(float(sym) - float(hi)) > 1e-4
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_policy_loss_bf16_inputs_computed_in_float32(agg):
+    logp, old, adv, mask = pg_inputs(seed=3)
+    as_bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+    loss, _ = losses.policy_loss(
+        as_bf16(logp), as_bf16(old), as_bf16(adv), mask,
+        clip_low=None, clip_high=None, agg=agg, norm_len=NORM_LEN,
+    )
+    # Reference on the same bf16-rounded values, upcast exactly to float64.
+    rounded = [np.asarray(as_bf16(x).astype(jnp.float32)) for x in (logp, old, adv)]
+    ref_loss, _ = np_policy_loss(*rounded, mask, None, None, agg, norm_len=NORM_LEN)
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(float(loss), ref_loss, **TOL)
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+
+@pytest.mark.parametrize("num_micro", [2, 4])
+@pytest.mark.parametrize("agg", AGGS)
+def test_accumulation_identity(agg, num_micro):
+    logp, old, adv, mask = pg_inputs(seed=5)
+    kw = dict(clip_low=0.2, clip_high=0.28, agg=agg, norm_len=NORM_LEN)
+    full, full_metrics = losses.policy_loss(logp, old, adv, mask, **kw)
+    denoms = denoms_of(mask)
+    total = 0.0
+    total_kl = 0.0
+    for idx in np.array_split(np.arange(B), num_micro):
+        part, part_metrics = losses.policy_loss(
+            logp[idx], old[idx], adv[idx], mask[idx], **kw, **denoms
+        )
+        total += float(part)
+        total_kl += float(part_metrics["approx_kl"])
+    np.testing.assert_allclose(total, float(full), **TOL)
+    np.testing.assert_allclose(total_kl, float(full_metrics["approx_kl"]), **TOL)
+    # Independently of the jax full-batch value, the sum also matches the numpy full batch.
+    ref_full, _ = np_policy_loss(logp, old, adv, mask, 0.2, 0.28, agg, norm_len=NORM_LEN)
+    np.testing.assert_allclose(total, ref_full, **TOL)
+
+
+@pytest.mark.parametrize("num_micro", [2, 4])
+def test_sft_accumulation_identity(num_micro):
+    rng = np.random.default_rng(6)
+    logits = rng.normal(size=(B, T, V)).astype(np.float32)
+    targets = rng.integers(0, V, size=(B, T))
+    mask = ragged_mask(rng)
+    full, _ = losses.sft_loss(logits, targets, mask, entropy_coef=0.001)
+    n = mask.sum()
+    total = sum(
+        float(losses.sft_loss(logits[i], targets[i], mask[i], entropy_coef=0.001, num_tokens=n)[0])
+        for i in np.array_split(np.arange(B), num_micro)
+    )
+    np.testing.assert_allclose(total, float(full), **TOL)
+
+
+# ----------------------------------------------------------------------------- aggregate edge cases
+
+
+def test_aggregate_default_num_seqs_skips_empty_rows():
+    loss = np.ones((3, 4), np.float32)
+    mask = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], np.float32)
+    # Two non-empty rows, each with per-token mean 1.
+    assert float(losses.aggregate(loss, mask, "seq-mean-token-mean")) == pytest.approx(1.0)
+    # Caller-supplied num_seqs overrides: count the padding row too.
+    assert float(losses.aggregate(loss, mask, "seq-mean-token-mean", num_seqs=3)) == pytest.approx(
+        2.0 / 3.0
+    )
+
+
+def test_aggregate_all_empty_is_zero_not_nan():
+    loss = np.full((2, 3), np.nan, np.float32)
+    mask = np.zeros((2, 3), np.float32)
+    for agg in AGGS:
+        assert float(losses.aggregate(loss, mask, agg, norm_len=3.0)) == 0.0
+
+
+def test_aggregate_errors():
+    loss = np.zeros((2, 3), np.float32)
+    mask = np.ones((2, 3), np.float32)
+    with pytest.raises(ValueError, match="token-sum"):
+        losses.aggregate(loss, mask, "token-sum")
+    with pytest.raises(ValueError, match="norm_len"):
+        losses.aggregate(loss, mask, "seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="clip_low"):
+        losses.policy_loss(
+            loss, loss, np.zeros(2), mask, clip_low=0.2, clip_high=None, agg="token-mean"
+        )
+
+
+# ----------------------------------------------------------------------------- gradient
+
+
+def test_policy_loss_gradient_no_clip_token_mean():
+    logp, old, adv, mask = pg_inputs(seed=7)
+
+    def loss_fn(lp):
+        loss, _ = losses.policy_loss(
+            lp, old, adv, mask, clip_low=None, clip_high=None, agg="token-mean"
+        )
+        return loss
+
+    grad = np.asarray(jax.grad(loss_fn)(jnp.asarray(logp)))
+    assert np.all(np.isfinite(grad))  # the garbage logprob 200 at padding must not give inf * 0
+    m = mask.astype(np.float64)
+    ratio = np.exp(logp.astype(np.float64) - old.astype(np.float64))
+    expected = np.where(m > 0, -adv[:, None].astype(np.float64) * ratio * m / m.sum(), 0.0)
+    np.testing.assert_allclose(grad, expected, **TOL)
+
+
+# ----------------------------------------------------------------------------- kl_penalty
+
+
+def test_kl_penalty():
+    rng = np.random.default_rng(8)
+    logp = rng.normal(-2.0, 1.0, size=(B, T)).astype(np.float32)
+    ref = (logp + rng.normal(0.0, 0.5, size=(B, T))).astype(np.float32)
+    lp64, ref64 = logp.astype(np.float64), ref.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(losses.kl_penalty(logp, ref, "k1")), lp64 - ref64, **TOL)
+    d = ref64 - lp64
+    k3 = np.exp(d) - d - 1.0
+    out = np.asarray(losses.kl_penalty(logp, ref, "k3"))
+    np.testing.assert_allclose(out, k3, **TOL)
+    assert np.all(out >= 0)
+    np.testing.assert_allclose(np.asarray(losses.kl_penalty(logp, ref, "low_var_kl")), k3, **TOL)
+    # low_var_kl clamps large deviations.
+    big = np.asarray(losses.kl_penalty(np.zeros(2), np.array([5.0, -30.0]), "low_var_kl"))
+    np.testing.assert_allclose(big, [10.0, 10.0], **TOL)
+    with pytest.raises(ValueError, match="k2"):
+        losses.kl_penalty(logp, ref, "k2")
+
+
+# ----------------------------------------------------------------------------- SFT side
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_and_entropy(temperature):
+    rng = np.random.default_rng(9)
+    logits = (3.0 * rng.normal(size=(B, T, V))).astype(np.float32)
+    targets = rng.integers(0, V, size=(B, T))
+    logp, ent = losses.token_logprobs_and_entropy(logits, targets, temperature=temperature)
+    ref_logp, ref_ent = np_logprobs_entropy(logits, targets, temperature)
+    assert logp.dtype == jnp.float32 and ent.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logp), ref_logp, **TOL)
+    np.testing.assert_allclose(np.asarray(ent), ref_ent, **TOL)
+
+
+def test_entropy_with_minus_inf_logits_is_finite():
+    logits = np.array([[[0.0, -np.inf, 0.0]]], np.float32)
+    _, ent = losses.token_logprobs_and_entropy(logits, np.zeros((1, 1), np.int32))
+    np.testing.assert_allclose(np.asarray(ent), [[np.log(2.0)]], **TOL)
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.001])
+def test_sft_loss(entropy_coef):
+    rng = np.random.default_rng(10)
+    logits = (2.0 * rng.normal(size=(B, T, V))).astype(np.float32)
+    targets = rng.integers(0, V, size=(B, T))
+    mask = ragged_mask(rng)
+    loss, metrics = jax.jit(functools.partial(losses.sft_loss, entropy_coef=entropy_coef))(
+        logits, targets, mask
+    )
+    ref_logp, ref_ent = np_logprobs_entropy(logits, targets, 1.0)
+    n = mask.sum()
+    nll = -(ref_logp * mask).sum() / n
+    ent = (ref_ent * mask).sum() / n
+    np.testing.assert_allclose(float(metrics["nll"]), nll, **TOL)
+    np.testing.assert_allclose(float(metrics["entropy"]), ent, **TOL)
+    np.testing.assert_allclose(float(loss), nll - entropy_coef * ent, **TOL)
+    np.testing.assert_allclose(float(metrics["loss"]), nll - entropy_coef * ent, **TOL)
+    assert float(metrics["num_tokens"]) == n
