@@ -7,7 +7,7 @@ setup(
     description="ReLIFT: reinforcement learning interleaved with online fine-tuning, in JAX",
     packages=find_packages(include=["relift_jax", "relift_jax.*"]),
     package_data={"relift_jax": ["benchmarks/*.parquet", "benchmarks/*.jsonl", "benchmarks/*.md",
-                                 "benchmarks/LICENSE*", "toy/assets/*"]},
+                                 "benchmarks/LICENSE*", "toy/assets/tokenizer/*"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[

@@ -1,0 +1,205 @@
+"""Small validated configs: the only classes gin configures.
+
+Library functions take these (or plain arguments); gin binds their fields at the edge
+(`RLConfig.learning_rate = 1e-6` in a .gin file). Every error names the field, the value and the rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+
+from relift_jax.losses import AGG_MODES, KL_KINDS
+from relift_jax.sharding import MeshConfig
+
+MODES = ("relift", "rl", "sft", "sft_then_rl", "rl_with_sft_loss", "relift_uniform")
+
+gin.external_configurable(MeshConfig, module="relift_jax")
+
+
+def _check(cond: bool, cls: str, field: str, value, rule: str) -> None:
+    if not cond:
+        raise ValueError(f"{cls}.{field} = {value!r}: {rule}")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with global-norm clipping and a schedule (constant, linear or cosine after warmup)."""
+
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    decay_steps: int = 0  # for linear/cosine: steps after warmup to reach final_lr_fraction
+    final_lr_fraction: float = 0.0
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.learning_rate >= 0, n, "learning_rate", self.learning_rate, "must be >= 0")
+        _check(self.grad_clip > 0, n, "grad_clip", self.grad_clip, "must be > 0")
+        _check(self.schedule in ("constant", "linear", "cosine"), n, "schedule", self.schedule,
+               "must be constant, linear or cosine")
+        _check(self.schedule == "constant" or self.decay_steps > 0, n, "decay_steps",
+               self.decay_steps, f"must be > 0 for schedule {self.schedule!r}")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How questions are turned into prompts and sampled (official defaults at 7B scale in comments)."""
+
+    questions_per_iteration: int = 8   # official 128
+    group_size: int = 8                # G
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_prompt_len: int = 1024
+    max_response_len: int = 8192
+    keep_system_prompt: bool = True
+    think_prefix: bool = True
+    drop_long_prompts: bool = True     # False: a prompt over max_prompt_len is an error
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.questions_per_iteration > 0, n, "questions_per_iteration",
+               self.questions_per_iteration, "must be > 0")
+        _check(self.group_size > 0, n, "group_size", self.group_size, "must be > 0")
+        _check(self.max_response_len > 0, n, "max_response_len", self.max_response_len, "must be > 0")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Policy-gradient step. Defaults are the official ReLIFT (Dr.GRPO-style) ones."""
+
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 0.7
+    warmup_steps: int = 0
+    num_mini_batches: int = 2
+    micro_batch_size: int = 8
+    scale_adv_by_std: bool = False
+    clip_low: float | None = None
+    clip_high: float | None = None
+    agg: str = "seq-mean-token-sum-norm"
+    norm_len: int | None = None  # None: the rollout's max_response_len (the official 8192)
+    entropy_coef: float = 0.001
+    kl_coef: float = 0.0
+    kl_kind: str = "low_var_kl"
+    dynamic_filter: bool = False  # drop groups whose rewards are all equal (zero advantage)
+    sft_loss_coef: float = 1.0    # mode rl_with_sft_loss: weight of the SFT loss in the RL update
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.agg in AGG_MODES, n, "agg", self.agg, f"must be one of {AGG_MODES}")
+        _check(self.kl_kind in KL_KINDS, n, "kl_kind", self.kl_kind, f"must be one of {KL_KINDS}")
+        _check((self.clip_low is None) == (self.clip_high is None), n, "clip_low/clip_high",
+               (self.clip_low, self.clip_high), "give both or neither")
+        _check(self.num_mini_batches > 0, n, "num_mini_batches", self.num_mini_batches, "must be > 0")
+        _check(self.micro_batch_size > 0, n, "micro_batch_size", self.micro_batch_size, "must be > 0")
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(learning_rate=self.learning_rate, weight_decay=self.weight_decay,
+                           grad_clip=self.grad_clip, warmup_steps=self.warmup_steps)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """The demonstration buffer and the SFT step (its own AdamW by default, as in the official code)."""
+
+    buffer_size: int = 128            # M
+    buffer_order: str = "newest"      # which M questions an SFT step takes: newest or oldest first
+    hardest_max_pass_rate: float = 0.0  # a question is "hardest" when its pass rate <= this
+    steps_per_trigger: int = 1
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    entropy_coef: float = 0.001
+    share_optimizer: bool = False
+    micro_batch_size: int = 8
+    max_demo_len: int | None = None   # None: the rollout's max_response_len
+    uniform_every: int = 4            # mode relift_uniform: SFT every k iterations on random questions
+    sft_iterations: int = 0           # mode sft_then_rl: iterations of pure SFT before RL
+    sft_questions_per_step: int | None = None  # modes sft / sft_then_rl: None = buffer_size
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.buffer_size > 0, n, "buffer_size", self.buffer_size, "must be > 0")
+        _check(self.buffer_order in ("newest", "oldest"), n, "buffer_order", self.buffer_order,
+               "must be newest or oldest")
+        _check(0.0 <= self.hardest_max_pass_rate < 1.0, n, "hardest_max_pass_rate",
+               self.hardest_max_pass_rate, "must be in [0, 1)")
+        _check(self.steps_per_trigger > 0, n, "steps_per_trigger", self.steps_per_trigger,
+               "must be > 0")
+        _check(self.uniform_every > 0, n, "uniform_every", self.uniform_every, "must be > 0")
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(learning_rate=self.learning_rate, weight_decay=self.weight_decay,
+                           grad_clip=self.grad_clip, warmup_steps=self.warmup_steps)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The run: which controller mode, how long, and when to evaluate, save and log."""
+
+    mode: str = "relift"
+    iterations: int = 100
+    seed: int = 0
+    eval_every: int = 10          # 0: only at the end
+    eval_questions: int | None = None  # None: the whole held-out split
+    eval_samples: int = 1
+    eval_temperature: float = 0.6
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    log_rollouts: int = 2         # sampled rollouts written as text at each evaluation
+    reward: str = "math"
+    reward_workers: int = 2
+    reward_timeout_s: float = 5.0
+    require_think_close: bool = True
+    export_best: bool = True
+    resume: bool = True
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.mode in MODES, n, "mode", self.mode, f"must be one of {MODES}")
+        _check(self.iterations > 0, n, "iterations", self.iterations, "must be > 0")
+        _check(self.save_every >= 0, n, "save_every", self.save_every, "must be >= 0")
+        _check(self.eval_every >= 0, n, "eval_every", self.eval_every, "must be >= 0")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelLoadConfig:
+    """Which Hugging Face folder to start from and in which numerics to train it."""
+
+    path: str | None = gin.REQUIRED     # None: random init from `random_init` (toy models)
+    tokenizer_path: str | None = None  # None: the model folder
+    random_init: dict | None = None    # ModelConfig fields, e.g. {"hidden_size": 256, ...}
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.path is not None or (self.random_init and self.tokenizer_path), n, "path",
+               self.path, "give a Hugging Face folder, or random_init and tokenizer_path")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training and held-out data files (ReLIFT/LUFFY parquet or jsonl, or the plain schema)."""
+
+    train: str = gin.REQUIRED
+    heldout: str | None = None
+    heldout_fraction: float = 0.0  # without a held-out file: this fraction of train, split off
+    shuffle: bool = True

@@ -1,0 +1,293 @@
+"""`run()`: one training run, top to bottom (mesh, model, data, steps, checkpoint, loop, export).
+
+Gin configures `run` and the config dataclasses at the edge (main.py); everything below takes
+plain values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from relift_jax import checkpoint, data, hf, losses, metrics, model, sampler, sharding
+from relift_jax.config import (DataConfig, ModelLoadConfig, RLConfig, RolloutConfig, SFTConfig,
+                               TrainConfig)
+from relift_jax.controller import Controller, Question, Rollouts
+from relift_jax.train_step import (Packing, device_batch, init_state, jit_step, make_optimizer,
+                                   make_schedule, rl_train_step, sft_train_step)
+
+
+# ----------------------------------------------------------------------------- model
+
+def load_model(cfg: ModelLoadConfig, shardings_for=None) -> tuple[model.ModelConfig, Any, Any]:
+    """(config, params, tokenizer) from a Hugging Face folder."""
+    tok_path = cfg.tokenizer_path or cfg.path
+    if tok_path == "toy":
+        from relift_jax.toy.tokenizer import TOKENIZER_DIR
+        tok_path = str(TOKENIZER_DIR)
+    tok = hf.load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.path is None:  # a fresh random model (the toy base model starts here)
+        fields = {"model_type": "qwen2", "vocab_size": len(tok), **cfg.random_init,
+                  "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
+                  "remat": cfg.remat}
+        mc = model.ModelConfig(**fields)
+        params = model.init_params(mc, jax.random.key(0))
+        if shardings_for:
+            params = jax.tree.map(jax.device_put, params, shardings_for(mc))
+        return mc, params, tok
+    hf_cfg = hf.config_from_hf(hf.load_hf_config(cfg.path), source=cfg.path,
+                               param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
+    hf_cfg = hf_cfg.replace(remat=cfg.remat)
+    shardings = shardings_for(hf_cfg) if shardings_for else None
+    _, params = hf.load_checkpoint(cfg.path, dtype=jnp.dtype(cfg.param_dtype),
+                                   compute_dtype=jnp.dtype(cfg.compute_dtype), shardings=shardings)
+    return hf_cfg, params, tok
+
+
+# ----------------------------------------------------------------------------- data
+
+def _level(ex: data.Example) -> int | None:
+    lv = ex.extra.get("level") if isinstance(ex.extra, dict) else None
+    return int(lv) if lv is not None else None
+
+
+def make_questions(examples, tok, rollout: RolloutConfig, max_demo_len: int
+                   ) -> tuple[list[Question], list[data.Example], int]:
+    enc = data.encode_prompts(tok, examples, max_prompt_len=rollout.max_prompt_len,
+                              keep_system_prompt=rollout.keep_system_prompt,
+                              think_prefix=rollout.think_prefix,
+                              on_overflow="drop" if rollout.drop_long_prompts else "raise")
+    qs, kept = [], []
+    for ids, k in zip(enc.ids, enc.kept):
+        ex = examples[k]
+        demo = None
+        if ex.demonstration:
+            demo, _ = data.encode_demonstration(tok, ex.demonstration, max_len=max_demo_len,
+                                                eos_id=tok.eos_token_id,
+                                                think_prefix=rollout.think_prefix)
+        qs.append(Question(ids, ex.ground_truth, demo, ex.reward, _level(ex)))
+        kept.append(ex)
+    return qs, kept, enc.num_dropped
+
+
+def resolve_data(spec: str, run_dir: str) -> str:
+    """A data file path, or a toy-task spec `toy:SPLIT:LEVELS:N_PER_LEVEL[:SEED]` (for example
+    `toy:train:1,2,3,4,5:200`) written deterministically into `<run_dir>/data/`."""
+    if not spec.startswith("toy:"):
+        return spec
+    parts = spec.split(":")
+    if len(parts) not in (4, 5):
+        raise ValueError(f"data spec {spec!r}: expected toy:SPLIT:LEVELS:N_PER_LEVEL[:SEED]")
+    from relift_jax.toy import task
+    split, levels, n = parts[1], [int(x) for x in parts[2].split(",")], int(parts[3])
+    seed = int(parts[4]) if len(parts) == 5 else 0
+    path = os.path.join(run_dir, "data", spec.replace(":", "_").replace(",", "-") + ".jsonl")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        task.write_dataset(path + ".tmp", levels, n, seed=seed, split=split)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def split_heldout(examples, dcfg: DataConfig, seed: int, run_dir: str):
+    if dcfg.heldout:
+        return examples, data.load_examples(resolve_data(dcfg.heldout, run_dir))
+    if dcfg.heldout_fraction <= 0:
+        return examples, []
+    perm = np.random.default_rng(seed).permutation(len(examples))
+    n = max(1, int(len(examples) * dcfg.heldout_fraction))
+    held = set(perm[:n].tolist())
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+# ----------------------------------------------------------------------------- run
+
+@gin.configurable
+def run(run_dir: str = gin.REQUIRED, *, stop_after: int | None = None) -> dict:
+    """Trains with the gin-bound configs; returns the final held-out summary.
+
+    Args:
+      run_dir: TensorBoard events, checkpoints, exports and the operative config go here. A run
+        directory with a checkpoint resumes from it (TrainConfig.resume).
+      stop_after: end this process after that many iterations (for tests of resumption).
+    """
+    train, rollout, rl, sft = TrainConfig(), RolloutConfig(), RLConfig(), SFTConfig()
+    mcfg, dcfg, mesh_cfg = ModelLoadConfig(), DataConfig(), sharding.MeshConfig()
+    os.makedirs(run_dir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(run_dir, "operative_config.gin"), "w") as f:
+            f.write(gin.operative_config_str())
+
+    # --- mesh
+    mesh = sharding.make_mesh(mesh_cfg)
+    jax.set_mesh(mesh)
+
+    # --- model and data (all validation happens here, before any compilation)
+    def param_shardings(cfg):
+        return sharding.tree_shardings(mesh, model.param_axes(cfg), model.param_shapes(cfg))
+    cfg, params, tok = load_model(mcfg, param_shardings)
+    max_demo = sft.max_demo_len or rollout.max_response_len
+    train_ex, held_ex = split_heldout(
+        data.load_examples(resolve_data(dcfg.train, run_dir)), dcfg, train.seed, run_dir)
+    questions, _, dropped = make_questions(train_ex, tok, rollout, max_demo)
+    if not questions:
+        raise ValueError(f"DataConfig.train = {dcfg.train!r}: no usable question "
+                         f"({dropped} dropped as longer than max_prompt_len)")
+    if train.mode != "rl" and not any(q.demo_ids for q in questions):
+        raise ValueError(f"TrainConfig.mode = {train.mode!r} needs demonstrations but "
+                         f"{dcfg.train!r} has none")
+    held_qs, held_kept, _ = make_questions(held_ex, tok, rollout, max_demo) if held_ex else ([], [], 0)
+    if train.eval_questions:
+        held_kept = held_kept[:train.eval_questions]
+
+    # --- train state and the two steps
+    rl_opt, sft_opt = rl.optim(), sft.optim()
+    rl_tx, sft_tx = make_optimizer(rl_opt), make_optimizer(sft_opt)
+    if sft.share_optimizer:
+        sft_tx = rl_tx
+    state = init_state(params, rl_tx, sft_tx, share_optimizer=sft.share_optimizer)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    norm_len = rl.norm_len or rollout.max_response_len
+    rl_step = jit_step(rl_train_step, state_shardings, config=cfg, rl=rl, tx=rl_tx,
+                       schedule=make_schedule(rl_opt), norm_len=norm_len)
+    sft_step = jit_step(sft_train_step, state_shardings, config=cfg, sft=sft, tx=sft_tx,
+                        schedule=make_schedule(sft_opt))
+    packing = Packing(micro_batch_size=rl.micro_batch_size, pad_id=tok.pad_token_id,
+                      batch_multiple=sharding.batch_divisor(mesh))
+
+    ref_logprobs_fn = None
+    if rl.kl_coef > 0:  # a frozen copy of the initial policy; never loaded otherwise
+        ref_params = jax.tree.map(jnp.copy, params)
+
+        @jax.jit
+        def _ref(p, tokens_MxbxT, valid_MxbxT):
+            def one(tv):
+                logits = model.apply(cfg, p, tv[0][:, :-1], tv[1][:, :-1])
+                lp, _ = losses.token_logprobs_and_entropy(logits, tv[0][:, 1:])
+                return jnp.pad(lp, ((0, 0), (1, 0)))
+            return jax.lax.map(one, (tokens_MxbxT, valid_MxbxT))
+        ref_logprobs_fn = lambda b: np.asarray(_ref(ref_params, b["tokens"], b["valid"]))
+
+    def on_device(step):
+        def f(state, batch):
+            return step(state, device_batch(batch, mesh))
+        return f
+
+    eos_ids = [tok.eos_token_id]
+
+    def sample_fn(p, prompts, G, seed):
+        out = sampler.generate(cfg, p, prompts, max_new_tokens=rollout.max_response_len,
+                               temperature=rollout.temperature, top_p=rollout.top_p,
+                               top_k=rollout.top_k, eos_id=eos_ids, seed=seed, num_samples=G,
+                               pad_id=tok.pad_token_id, mesh=mesh)
+        return Rollouts(out.tokens, out.logprobs, out.stopped)
+
+    from relift_jax.reward import RewardScorer
+    scorer = RewardScorer(train.reward, num_workers=train.reward_workers,
+                          timeout_s=train.reward_timeout_s,
+                          require_think_close=train.require_think_close)
+
+    def score_fn(token_lists, truths, reward_names):
+        texts = tok.batch_decode(token_lists, skip_special_tokens=True)
+        names = [train.reward if r == "math" else r for r in reward_names]
+        return scorer.score(texts, truths, names)
+
+    ctl = Controller(questions=questions, train=train, rollout=rollout, rl=rl, sft=sft,
+                     packing=packing, rl_step=on_device(rl_step), sft_step=on_device(sft_step),
+                     sample_fn=sample_fn, score_fn=score_fn, ref_logprobs_fn=ref_logprobs_fn)
+
+    # --- checkpoint: resume when the run directory has one
+    ckpt = checkpoint.Checkpointer(run_dir, keep=train.keep_checkpoints)
+    best = {"score": -1.0, "iteration": -1}
+    latest = ckpt.latest() if train.resume else None
+    if latest is not None:
+        state, ctl_state = ckpt.restore(latest, state)
+        ctl.load_state_dict(ctl_state["controller"])
+        best = ctl_state["best"]
+        print(f"resumed from {ckpt.dir}/{latest} (iteration {ctl.iteration})")
+
+    writer = metrics.MetricsWriter(run_dir)
+    writer.scalars(ctl.iteration, {"data/train_questions": len(questions),
+                                   "data/with_demonstration": sum(q.demo_ids is not None
+                                                                  for q in questions),
+                                   "data/dropped_long_prompts": dropped})
+
+    # --- held-out evaluation (the same code as `python -m relift_jax.evaluate`)
+    def run_eval(it: int) -> dict[str, float]:
+        if not held_kept:
+            return {}
+        from relift_jax import evaluate
+        settings = evaluate.EvalSettings(
+            samples=train.eval_samples, temperature=train.eval_temperature,
+            max_new_tokens=rollout.max_response_len, max_prompt_len=rollout.max_prompt_len,
+            keep_system_prompt=rollout.keep_system_prompt, think_prefix=rollout.think_prefix,
+            require_think_close=train.require_think_close, seed=train.seed)
+        res = evaluate.evaluate(cfg, state["params"], tok, {"heldout": held_kept}, settings,
+                                scorer=scorer, progress=False, mesh=mesh)
+        s = res.summary["heldout"]
+        out = {f"eval/heldout/{k}": v for k, v in s.items() if isinstance(v, (int, float))}
+        levels = {}
+        for pq, ex in zip(res.per_question, held_kept):
+            lv = _level(ex)
+            if lv is not None:
+                levels.setdefault(lv, []).append(pq["num_correct"] / max(1, pq["n"]))
+        for lv, accs in sorted(levels.items()):
+            out[f"eval/heldout/level{lv}"] = float(np.mean(accs))
+        for rec in res.records[:train.log_rollouts]:
+            writer.text(it, "eval/rollout", f"truth: {rec.get('ground_truth')}  "
+                        f"score: {rec.get('score')}\n{rec.get('response')}")
+        return out
+
+    def export(name: str, info: dict) -> None:
+        checkpoint.export_hf(cfg, state["params"], os.path.join(run_dir, "export", name),
+                             tokenizer=tok, info=info)
+
+    def eval_score(m: dict) -> float:
+        keys = [k for k in m if k.startswith("eval/heldout/avg@")]
+        return float(m[keys[0]]) if keys else -1.0
+
+    # --- the loop
+    start = ctl.iteration
+    end = train.iterations if stop_after is None else min(train.iterations, start + stop_after)
+    bar = tqdm(total=train.iterations, initial=start, desc=f"{train.mode}", dynamic_ncols=True,
+               disable=jax.process_index() != 0)
+    last_eval: dict[str, float] = {}
+    while ctl.iteration < end:
+        t0 = time.perf_counter()
+        state, m = ctl.step(state)
+        it = ctl.iteration  # iterations done
+        m["perf/iteration_s"] = time.perf_counter() - t0
+        m["perf/reward_timeouts"] = scorer.num_timeouts
+        if train.eval_every and it % train.eval_every == 0 or it == train.iterations:
+            last_eval = run_eval(it)
+            m.update(last_eval)
+            score = eval_score(last_eval)
+            if train.export_best and score > best["score"]:
+                best = {"score": score, "iteration": it}
+                export("best", {"iteration": it, "heldout_score": score})
+        writer.scalars(it, m)
+        if train.save_every and it % train.save_every == 0 or it == train.iterations:
+            ckpt.save(it, state, {"controller": ctl.state_dict(), "best": best})
+        bar.update(1)
+        bar.set_postfix({k.split("/")[-1]: f"{m[k]:.3g}" for k in
+                         ("rollout/reward_mean", "buffer/size", "rl/loss", "sft/loss",
+                          "eval/heldout/avg@1") if k in m})
+    bar.close()
+    if ctl.iteration >= train.iterations:
+        export("final", {"iteration": ctl.iteration})
+    writer.close()
+    ckpt.close()
+    scorer.close()
+    metrics.plot_curves(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "curves.png"),
+                        ("rollout/reward_mean", "eval/heldout/avg@1", "buffer/size",
+                         "buffer/sft_fired", "rl/entropy", "rollout/response_len_mean"))
+    return {"iterations": ctl.iteration, "eval": last_eval, "best": best}
