@@ -166,6 +166,9 @@ class TrainConfig:
     require_think_close: bool = True
     export_best: bool = True
     resume: bool = True
+    # > 0: evaluate the starting and the final policy with this many samples per held-out question
+    # and bucket the results by level and by the starting model's pass rate (the paper's analysis).
+    bucket_samples: int = 0
 
     def __post_init__(self):
         n = type(self).__name__
@@ -183,6 +186,10 @@ class ModelLoadConfig:
     path: str | None = gin.REQUIRED     # None: random init from `random_init` (toy models)
     tokenizer_path: str | None = None  # None: the model folder
     random_init: dict | None = None    # ModelConfig fields, e.g. {"hidden_size": 256, ...}
+    # When `path` does not exist: build it first by running this gin file into build_run_dir
+    # (the toy base model; its export/final must be `path`).
+    build_gin: str | None = None
+    build_run_dir: str | None = None
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False

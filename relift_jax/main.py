@@ -40,7 +40,7 @@ def _default_search_paths() -> list[str]:
 
 def parse_gin(args: argparse.Namespace) -> None:
     """Registers the configurables, then parses files and bindings; errors name the binding."""
-    from relift_jax import config, train  # noqa: F401  (registers the configurables)
+    from relift_jax import config, evaluate, train  # noqa: F401  (registers the configurables)
 
     for path in [p for p in args.gin_search_paths.split(",") if p] + _default_search_paths():
         gin.add_config_file_search_path(path)

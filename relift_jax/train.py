@@ -27,6 +27,20 @@ from relift_jax.train_step import (Packing, device_batch, init_state, jit_step, 
 
 # ----------------------------------------------------------------------------- model
 
+def build_base(cfg: ModelLoadConfig) -> None:
+    """Runs `cfg.build_gin` in a fresh process (gin state is global) to create `cfg.path`."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "relift_jax.main", f"--gin_file={cfg.build_gin}"]
+    if cfg.build_run_dir:
+        cmd.append(f"--run_dir={cfg.build_run_dir}")
+    print(f"{cfg.path} is absent: building it with {' '.join(cmd[2:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    if not os.path.exists(cfg.path):
+        raise FileNotFoundError(f"ModelLoadConfig.build_gin = {cfg.build_gin!r} ran but did not "
+                                f"create ModelLoadConfig.path = {cfg.path!r}")
+
+
 def load_model(cfg: ModelLoadConfig, shardings_for=None) -> tuple[model.ModelConfig, Any, Any]:
     """(config, params, tokenizer) from a Hugging Face folder."""
     tok_path = cfg.tokenizer_path or cfg.path
@@ -34,6 +48,8 @@ def load_model(cfg: ModelLoadConfig, shardings_for=None) -> tuple[model.ModelCon
         from relift_jax.toy.tokenizer import TOKENIZER_DIR
         tok_path = str(TOKENIZER_DIR)
     tok = hf.load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.path is not None and not os.path.exists(cfg.path) and cfg.build_gin:
+        build_base(cfg)
     if cfg.path is None:  # a fresh random model (the toy base model starts here)
         fields = {"model_type": "qwen2", "vocab_size": len(tok), **cfg.random_init,
                   "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
@@ -222,38 +238,58 @@ def run(run_dir: str = gin.REQUIRED, *, stop_after: int | None = None) -> dict:
                                    "data/dropped_long_prompts": dropped})
 
     # --- held-out evaluation (the same code as `python -m relift_jax.evaluate`)
+    level_of = {ex.index: _level(ex) for ex in held_kept}
+
+    def evaluate_heldout(params, samples: int, temperature: float, out_dir: str | None = None):
+        from relift_jax import evaluate
+        settings = evaluate.EvalSettings(
+            samples=samples, temperature=temperature, pass_k=(1, samples),
+            max_new_tokens=rollout.max_response_len, max_prompt_len=rollout.max_prompt_len,
+            keep_system_prompt=rollout.keep_system_prompt, think_prefix=rollout.think_prefix,
+            require_think_close=train.require_think_close, seed=train.seed,
+            batch_size=max(64, samples))
+        return evaluate.evaluate(cfg, params, tok, {"heldout": held_kept}, settings,
+                                 scorer=scorer, progress=False, mesh=mesh, output_dir=out_dir)
+
     def run_eval(it: int) -> dict[str, float]:
         if not held_kept:
             return {}
-        from relift_jax import evaluate
-        settings = evaluate.EvalSettings(
-            samples=train.eval_samples, temperature=train.eval_temperature,
-            max_new_tokens=rollout.max_response_len, max_prompt_len=rollout.max_prompt_len,
-            keep_system_prompt=rollout.keep_system_prompt, think_prefix=rollout.think_prefix,
-            require_think_close=train.require_think_close, seed=train.seed)
-        res = evaluate.evaluate(cfg, state["params"], tok, {"heldout": held_kept}, settings,
-                                scorer=scorer, progress=False, mesh=mesh)
-        s = res.summary["heldout"]
-        out = {f"eval/heldout/{k}": v for k, v in s.items() if isinstance(v, (int, float))}
-        levels = {}
-        for pq, ex in zip(res.per_question, held_kept):
-            lv = _level(ex)
+        res = evaluate_heldout(state["params"], train.eval_samples, train.eval_temperature)
+        out = res.metrics("eval")
+        levels: dict[int, list[float]] = {}
+        for pq in res.per_question:
+            lv = level_of.get(pq["source_index"])
             if lv is not None:
-                levels.setdefault(lv, []).append(pq["num_correct"] / max(1, pq["n"]))
+                levels.setdefault(lv, []).append(pq["correct"] / pq["n"])
         for lv, accs in sorted(levels.items()):
             out[f"eval/heldout/level{lv}"] = float(np.mean(accs))
         for rec in res.records[:train.log_rollouts]:
-            writer.text(it, "eval/rollout", f"truth: {rec.get('ground_truth')}  "
-                        f"score: {rec.get('score')}\n{rec.get('response')}")
+            writer.text(it, "eval/rollout", json.dumps(rec, indent=1))
         return out
+
+    def bucket_counts(params, name: str) -> list[tuple[int, int]]:
+        """(correct, n) per held-out question, cached in the run dir so a resumed run reuses it."""
+        path = os.path.join(run_dir, f"bucket_eval_{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return [tuple(x) for x in json.load(f)]
+        res = evaluate_heldout(params, train.bucket_samples, 1.0)
+        counts = [(pq["correct"], pq["n"]) for pq in res.per_question]
+        if jax.process_index() == 0:
+            with open(path, "w") as f:
+                json.dump(counts, f)
+        return counts
+
+    base_counts = None
+    if train.bucket_samples and held_kept:
+        base_counts = bucket_counts(state["params"], "start")
 
     def export(name: str, info: dict) -> None:
         checkpoint.export_hf(cfg, state["params"], os.path.join(run_dir, "export", name),
                              tokenizer=tok, info=info)
 
     def eval_score(m: dict) -> float:
-        keys = [k for k in m if k.startswith("eval/heldout/avg@")]
-        return float(m[keys[0]]) if keys else -1.0
+        return float(m.get("eval/heldout/accuracy", -1.0))
 
     # --- the loop
     start = ctl.iteration
@@ -280,14 +316,31 @@ def run(run_dir: str = gin.REQUIRED, *, stop_after: int | None = None) -> dict:
         bar.update(1)
         bar.set_postfix({k.split("/")[-1]: f"{m[k]:.3g}" for k in
                          ("rollout/reward_mean", "buffer/size", "rl/loss", "sft/loss",
-                          "eval/heldout/avg@1") if k in m})
+                          "eval/heldout/accuracy") if k in m})
     bar.close()
+    summary: dict[str, Any] = {"iterations": ctl.iteration, "eval": last_eval, "best": best}
     if ctl.iteration >= train.iterations:
         export("final", {"iteration": ctl.iteration})
+        if base_counts is not None:
+            from relift_jax import analysis
+            final_counts = bucket_counts(state["params"], "final")
+            levels = [_level(ex) for ex in held_kept]
+            rows = analysis.bucket_rows(base_counts, final_counts, levels)
+            table = analysis.to_markdown(rows)
+            summary.update(buckets=rows, counters=ctl.counters,
+                           demos_used=len(ctl.demos_used),
+                           demos_used_frac=len(ctl.demos_used) / len(questions))
+            if jax.process_index() == 0:
+                with open(os.path.join(run_dir, "summary.md"), "w") as f:
+                    f.write(table)
+                with open(os.path.join(run_dir, "summary.json"), "w") as f:
+                    json.dump(summary, f, indent=1)
+                print(f"\n{train.mode}: held-out accuracy, {train.bucket_samples} samples per "
+                      f"question (start = the policy before training)\n\n{table}")
     writer.close()
     ckpt.close()
     scorer.close()
     metrics.plot_curves(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "curves.png"),
                         ("rollout/reward_mean", "eval/heldout/avg@1", "buffer/size",
                          "buffer/sft_fired", "rl/entropy", "rollout/response_len_mean"))
-    return {"iterations": ctl.iteration, "eval": last_eval, "best": best}
+    return summary

@@ -24,7 +24,6 @@ import optax
 from relift_jax import losses, sharding
 from relift_jax.config import OptimConfig, RLConfig, SFTConfig
 from relift_jax.model import ModelConfig, Params, apply
-from relift_jax.sampler import bucket
 
 State = dict[str, Any]  # {"params", "rl_opt", "sft_opt", "rl_steps", "sft_steps"}
 
@@ -177,7 +176,7 @@ class Packing:
     micro_batch_size: int
     pad_id: int
     batch_multiple: int = 1  # rows per micro-batch must split over the mesh's batch axes
-    min_len: int = 32
+    length_multiple: int = 16  # T is rounded up to this: few compiled shapes, little padding
 
 
 def _layout(n_rows: int, max_len: int, pk: Packing) -> tuple[int, int, int]:
@@ -185,7 +184,7 @@ def _layout(n_rows: int, max_len: int, pk: Packing) -> tuple[int, int, int]:
     b = max(pk.batch_multiple, -(-min(pk.micro_batch_size, n_rows) // pk.batch_multiple)
             * pk.batch_multiple)
     M = -(-n_rows // b)
-    return M, b, bucket(max_len, pk.min_len)
+    return M, b, -(-max_len // pk.length_multiple) * pk.length_multiple
 
 
 def _pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pk: Packing,
