@@ -58,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_flags(sys.argv[1:] if argv is None else argv)
     if not args.gin_file:
         raise SystemExit("give at least one --gin_file (for example gin/toy/relift.gin)")
+    if os.environ.get("RELIFT_DISTRIBUTED") == "1":  # multi-host: one process per TPU host
+        import jax
+        jax.distributed.initialize()
     gin.clear_config()
     parse_gin(args)
     from relift_jax import train

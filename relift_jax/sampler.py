@@ -173,12 +173,12 @@ def sample(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]]
     before = _cache_size()
     args = [tokens_BxP, pad_B, done_B]
     if mesh is not None:
-        args = [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in args]
+        args = [sharding.host_to_global(a, sharding.batch_sharding(mesh, a.ndim)) for a in args]
     tokens_BxP, pad_B_dev, done_B = args
     cache, logits = _prefill(config, params, tokens_BxP, pad_B_dev, P + sp.max_new_tokens)
     out, cache = _decode(config, sp, params, cache, logits, pad_B_dev, done_B, jax.random.key(seed))
     del cache
-    toks, logps, lengths, stopped = jax.device_get(out)
+    toks, logps, lengths, stopped = sharding.global_to_host(out)
     return SampleOutput(
         tokens=[toks[i, :lengths[i]].tolist() for i in range(n)],
         logprobs=[logps[i, :lengths[i]].tolist() for i in range(n)],

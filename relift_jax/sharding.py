@@ -134,3 +134,17 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, _fit(logical_to_spec(axes), x.shape, mesh))
+
+
+def host_to_global(x, sharding_: NamedSharding) -> jax.Array:
+    """A global array from a host numpy array that every process holds in full (multi-host safe)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding_, lambda idx: x[idx])
+
+
+def global_to_host(tree: Any) -> Any:
+    """Numpy copies of (possibly multi-host sharded) arrays on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -247,5 +247,5 @@ def device_batch(batch: dict, mesh) -> dict:
         if mesh is None or x.ndim < 2:
             return jnp.asarray(x)
         spec = sharding.logical_to_spec((None, "batch") + (None,) * (x.ndim - 2))
-        return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+        return sharding.host_to_global(x, jax.sharding.NamedSharding(mesh, spec))
     return jax.tree.map(put, batch)
