@@ -499,7 +499,8 @@ class RewardScorer:
                             continue
                         w.deadline = time.monotonic() + self.timeout_s
                         in_flight += 1
-                    elif not w.ready and now - w.started > self.startup_timeout_s:
+                    elif (not w.ready and now - w.started > self.startup_timeout_s
+                          and not w.conn.poll()):  # its "ready" may wait unread since long ago
                         raise RuntimeError(
                             f"reward worker did not start within {self.startup_timeout_s}s"
                         )

@@ -51,7 +51,7 @@ def load_model(cfg: ModelLoadConfig, shardings_for=None) -> tuple[model.ModelCon
     if cfg.path is not None and not os.path.exists(cfg.path) and cfg.build_gin:
         build_base(cfg)
     if cfg.path is None:  # a fresh random model (the toy base model starts here)
-        fields = {"model_type": "qwen2", "vocab_size": len(tok), **cfg.random_init,
+        fields = {"model_type": "qwen2", "qkv_bias": True, "vocab_size": len(tok), **cfg.random_init,
                   "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
                   "remat": cfg.remat}
         mc = model.ModelConfig(**fields)
