@@ -28,7 +28,7 @@ N_PER_SEED = 60
 
 def parse_question(text: str) -> tuple[int, str, int]:
     """'47+385=?' -> (47, '+', 385)."""
-    m = re.fullmatch(r"(\d+)([+-])(\d+)=\?", text)
+    m = re.fullmatch(r"(\d+)([+#-])(\d+)=\?", text)
     assert m is not None, f"unexpected question text {text!r}"
     a, op, b = m.groups()
     # No leading zeros in operands: "07+3" would be a different string for the same question.
@@ -36,12 +36,17 @@ def parse_question(text: str) -> tuple[int, str, int]:
     return int(a), op, int(b)
 
 
+def truth_of(a: int, op: str, b: int) -> int:
+    """The answer by Python's own arithmetic (a#b is defined as a+b+1)."""
+    return {"+": a + b, "-": a - b, "#": a + b + 1}[op]
+
+
 def level_rule(level: int, a: int, op: str, b: int) -> None:
     """Asserts that a question fits the level's documented operand ranges."""
-    digits = {1: 1, 2: 2, 3: 3, 4: 2, 5: 3}[level]
-    want_op = "+" if level <= 3 else "-"
+    digits = {1: 1, 2: 2, 3: 3, 4: 2, 5: 3, 6: 2, 7: 3}[level]
+    want_op = "+" if level <= 3 else "-" if level <= 5 else "#"
     assert op == want_op, (level, a, op, b)
-    if op == "+":
+    if op in "+#":
         assert 0 <= a < 10**digits and 0 <= b < 10**digits
         assert len(str(max(a, b))) == digits
     else:
@@ -61,15 +66,15 @@ def replay_steps(a: int, op: str, b: int, demonstration: str) -> str:
     lines = body.split("\n")
     width = len(str(max(a, b)))
     assert len(lines) == width, (demonstration, width)
-    written, carry = [], 0
+    written, carry = [], int(op == "#")  # a#b = a+b+1: the addition walk with carry-in 1
     for col, line in enumerate(lines):
         lhs, rhs = line.split("=")
-        x_s, y_s, c_s = lhs.split(op)
+        x_s, y_s, c_s = lhs.split("-" if op == "-" else "+")
         x, y, c, r = int(x_s), int(y_s), int(c_s), int(rhs)
         digit_a, digit_b = (a // 10**col) % 10, (b // 10**col) % 10
         assert c == carry, f"{line!r}: carry/borrow in {c}, previous out {carry}"
         assert y == digit_b, f"{line!r}: second operand digit {y} != {digit_b}"
-        if op == "+":
+        if op in "+#":
             assert x == digit_a and x + y + c == r, line
             assert str(r) == rhs, line  # no padding like "=05"
             carry = r // 10
@@ -107,12 +112,12 @@ def all_questions(level: int) -> set[str]:
 
 
 def test_level_constants():
-    assert task.NUM_LEVELS == len(task.LEVELS) == 5
-    assert sorted(task.LEVELS) == list(range(1, 6))
+    assert task.NUM_LEVELS == len(task.LEVELS) == 7
+    assert sorted(task.LEVELS) == list(range(1, 8))
     assert set(task.BASE_LEVELS) == {1, 2, 3}  # the addition levels; subtraction is held back
 
 
-@pytest.mark.parametrize("level", range(1, 6))
+@pytest.mark.parametrize("level", range(1, 8))
 def test_answers_and_demonstrations_are_correct(level):
     for split in task.SPLITS:
         for seed in SEEDS:
@@ -120,7 +125,7 @@ def test_answers_and_demonstrations_are_correct(level):
                 a, op, b = parse_question(q.question)
                 level_rule(level, a, op, b)
                 assert q.level == level
-                truth = a + b if op == "+" else a - b
+                truth = truth_of(a, op, b)
                 assert q.answer == str(truth)
                 assert q.demonstration.endswith("\\boxed{" + str(truth) + "}")
                 assert replay_steps(a, op, b, q.demonstration) == str(truth)
@@ -134,10 +139,13 @@ def test_answers_and_demonstrations_are_correct(level):
     (385, "-", 47, "338", ["15-7-0=8", "8-4-1=3", "3-0-0=3"]),
     (100, "-", 99, "1", ["10-9-0=1", "10-9-1=0", "1-0-1=0"]),
     (55, "-", 55, "0", ["5-5-0=0", "5-5-0=0"]),
+    (47, "#", 385, "433", ["7+5+1=13", "4+8+1=13", "0+3+1=4"]),
+    (99, "#", 0, "100", ["9+0+1=10", "9+0+1=10"]),
 ])
 def test_worked_examples(a, op, b, answer, lines):
     """Hand-computed school-method columns for a few edge cases (full carry, leading zeros)."""
-    level = {("+", 1): 1, ("+", 2): 2, ("+", 3): 3, ("-", 2): 4, ("-", 3): 5}[
+    level = {("+", 1): 1, ("+", 2): 2, ("+", 3): 3, ("-", 2): 4, ("-", 3): 5, ("#", 2): 6,
+             ("#", 3): 7}[
         (op, len(str(max(a, b))))]
     q = task.make_question(level, a, b)
     assert q.question == f"{a}{op}{b}=?"
@@ -146,11 +154,12 @@ def test_worked_examples(a, op, b, answer, lines):
 
 
 def test_make_question_rejects_other_levels():
-    for level, a, b in [(1, 10, 3), (2, 3, 4), (3, 47, 38), (4, 5, 6), (4, 30, 31), (5, 99, 3)]:
+    for level, a, b in [(1, 10, 3), (2, 3, 4), (3, 47, 38), (4, 5, 6), (4, 30, 31), (5, 99, 3),
+                        (6, 3, 4), (7, 47, 38)]:
         with pytest.raises(ValueError, match="not a level"):
             task.make_question(level, a, b)
     with pytest.raises(ValueError, match="not one of the toy levels"):
-        task.generate(6, 1, seed=0, split="train")
+        task.generate(8, 1, seed=0, split="train")
     with pytest.raises(ValueError, match="split"):
         task.generate(1, 1, seed=0, split="valid")
 
@@ -178,7 +187,7 @@ def test_verify_demonstration_rejects_corruptions():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("level", range(1, 6))
+@pytest.mark.parametrize("level", range(1, 8))
 def test_deterministic_by_seed(level):
     for split in task.SPLITS:
         n = min(15, task.num_questions(level, split))
@@ -253,7 +262,7 @@ def test_write_dataset_schema(tmp_path):
         assert row["target"] == [{"role": "assistant", "content": q.demonstration}]
         assert row["data_source"] == f"toy_level{lv}"
         a, op, b = parse_question(row["prompt"][0]["content"])
-        assert row["reward_model"]["ground_truth"] == str(a + b if op == "+" else a - b)
+        assert row["reward_model"]["ground_truth"] == str(truth_of(a, op, b))
 
     bare = tmp_path / "test.jsonl"
     task.write_dataset(bare, [2], 4, seed=5, split="test", with_demonstrations=False)
@@ -269,7 +278,7 @@ def test_dataset_reads_through_data_module(tmp_path):
     assert len(examples) == 6
     for ex in examples:
         a, op, b = parse_question(ex.messages[-1]["content"])
-        assert ex.ground_truth == str(a + b if op == "+" else a - b)
+        assert ex.ground_truth == str(truth_of(a, op, b))
         assert ex.demonstration.endswith("\\boxed{" + ex.ground_truth + "}")
         assert ex.reward == "math"
 
@@ -349,13 +358,14 @@ def test_chat_template(tok):
         want[: -len("<|im_start|>assistant\n")])
 
 
-@pytest.mark.parametrize("level", range(1, 6))
+@pytest.mark.parametrize("level", range(1, 8))
 def test_round_trip_and_length(tok, level):
     """Full training sequences (prompt + demonstration + EOS) round-trip exactly and stay short."""
     longest = 0
     questions = task.generate(level, 300, seed=2, split="train")
     # The longest sequences come from the widest operands and answers; include them explicitly.
-    worst = {1: (9, 9), 2: (99, 99), 3: (999, 999), 4: (99, 98), 5: (999, 998)}[level]
+    worst = {1: (9, 9), 2: (99, 99), 3: (999, 999), 4: (99, 98), 5: (999, 998), 6: (99, 99),
+             7: (999, 999)}[level]
     questions.append(task.make_question(level, *worst))
     for q in questions:
         prompt = tok.apply_chat_template([{"role": "user", "content": q.question}], tokenize=False,

@@ -66,7 +66,7 @@ class ToyQuestion:
 
 @dataclasses.dataclass(frozen=True)
 class _LevelSpec:
-    op: str  # "+" or "-"
+    op: str  # "+", "-" or "#" (a#b = a+b+1)
     digits: int  # digits of the larger operand (addition) or of the minuend (subtraction)
 
 
@@ -76,6 +76,8 @@ _SPECS: dict[int, _LevelSpec] = {
     3: _LevelSpec("+", 3),
     4: _LevelSpec("-", 2),
     5: _LevelSpec("-", 3),
+    6: _LevelSpec("#", 2),
+    7: _LevelSpec("#", 3),
 }
 
 LEVELS: dict[int, str] = {
@@ -84,6 +86,9 @@ LEVELS: dict[int, str] = {
     3: "addition a+b whose larger operand has 3 digits (base level)",
     4: "subtraction a-b with a of 2 digits and 0 <= b <= a, borrowing (never in the base data)",
     5: "subtraction a-b with a of 3 digits and 0 <= b <= a, borrowing (never in the base data)",
+    6: "a#b = a+b+1, larger operand of 2 digits: the addition walk with carry-in 1 (never in the "
+       "base data)",
+    7: "a#b = a+b+1, larger operand of 3 digits (never in the base data)",
 }
 NUM_LEVELS = len(LEVELS)
 BASE_LEVELS: tuple[int, ...] = (1, 2, 3)
@@ -91,7 +96,7 @@ SPLITS = ("train", "test")
 
 # Mixed into the split hash so that the partition cannot coincide with anything else hashed the
 # same way; changing it would silently reshuffle train and test, so it is a fixed constant.
-_OP_CODE = {"+": 1, "-": 2}
+_OP_CODE = {"+": 1, "-": 2, "#": 3}
 _TEST_MODULUS = 5
 
 
@@ -116,7 +121,7 @@ def _splitmix64(key_N: np.ndarray) -> np.ndarray:
 
 def _is_test(op: str, a_N: np.ndarray, b_N: np.ndarray) -> np.ndarray:
     """True where the question a<op>b belongs to the held-out split."""
-    if op == "+":  # commutative: keep a+b and b+a on the same side of the split
+    if op in "+#":  # commutative: keep a+b and b+a on the same side of the split
         a_N, b_N = np.minimum(a_N, b_N), np.maximum(a_N, b_N)
     key_N = (np.uint64(_OP_CODE[op]) << np.uint64(40)) | (
         a_N.astype(np.uint64) << np.uint64(20)) | b_N.astype(np.uint64)
@@ -130,7 +135,7 @@ def _question_space(level: int, split: str) -> tuple[np.ndarray, np.ndarray]:
     hi = 10**spec.digits
     lo = 10 ** (spec.digits - 1) if spec.digits > 1 else 0
     a_N, b_N = (g.ravel() for g in np.meshgrid(np.arange(hi), np.arange(hi), indexing="ij"))
-    if spec.op == "+":
+    if spec.op in "+#":
         keep_N = np.maximum(a_N, b_N) >= lo
     else:
         keep_N = (a_N >= lo) & (b_N <= a_N)
@@ -147,9 +152,9 @@ def num_questions(level: int, split: str) -> int:
     return len(_question_space(level, split)[0])
 
 
-def _addition_steps(a: int, b: int, digits: int) -> list[str]:
+def _addition_steps(a: int, b: int, digits: int, carry: int = 0) -> list[str]:
     xs, ys = str(a).zfill(digits), str(b).zfill(digits)
-    lines, carry = [], 0
+    lines = []
     for x, y in zip(map(int, reversed(xs)), map(int, reversed(ys))):
         s = x + y + carry
         lines.append(f"{x}+{y}+{carry}={s}")
@@ -178,9 +183,10 @@ def make_question(level: int, a: int, b: int) -> ToyQuestion:
     spec = _check_level(level)
     hi = 10**spec.digits
     lo = 10 ** (spec.digits - 1) if spec.digits > 1 else 0
-    if spec.op == "+":
+    if spec.op in "+#":
         valid = 0 <= a < hi and 0 <= b < hi and max(a, b) >= lo
-        lines, answer = _addition_steps(a, b, spec.digits), a + b
+        carry_in = int(spec.op == "#")  # the whole new rule: the walk starts with a carry of 1
+        lines, answer = _addition_steps(a, b, spec.digits, carry_in), a + b + carry_in
     else:
         valid = lo <= a < hi and 0 <= b <= a
         lines, answer = (_subtraction_steps(a, b, spec.digits) if valid else []), a - b
@@ -217,7 +223,7 @@ def generate(level: int, n: int, *, seed: int, split: str) -> list[ToyQuestion]:
     return [make_question(level, int(a_Q[i]), int(b_Q[i])) for i in index_N]
 
 
-_QUESTION_RE = re.compile(r"(\d+)([+-])(\d+)=\?")
+_QUESTION_RE = re.compile(r"(\d+)([+#-])(\d+)=\?")
 _ADD_LINE_RE = re.compile(r"(\d)\+(\d)\+([01])=(\d{1,2})")
 _SUB_LINE_RE = re.compile(r"(1?\d)-(\d)-([01])=(\d)")
 
@@ -240,15 +246,15 @@ def verify_demonstration(q: ToyQuestion) -> bool:
     if len(lines) != width:
         return False
     xs, ys = a.zfill(width)[::-1], b.zfill(width)[::-1]
-    carry, digits = 0, []
+    carry, digits = int(op == "#"), []
     for i, line in enumerate(lines):
-        step = (_ADD_LINE_RE if op == "+" else _SUB_LINE_RE).fullmatch(line)
+        step = (_SUB_LINE_RE if op == "-" else _ADD_LINE_RE).fullmatch(line)
         if step is None:
             return False
         x, y, c, r = (int(g) for g in step.groups())
         if c != carry or y != int(ys[i]) or x % 10 != int(xs[i]):
             return False
-        if op == "+":
+        if op in "+#":
             if x + y + c != r:
                 return False
             carry = r // 10
