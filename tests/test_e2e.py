@@ -1,0 +1,191 @@
+"""End to end through the real entry point (`python -m relift_jax.main`) on gin/tests/tiny_e2e.gin.
+
+Runs, each in its own process (gin and `jax.set_mesh` are process-global; a fresh process is also
+what a user runs), from the repository root, with the test session's environment (8 fake CPU
+devices, so the mesh, sharded steps and sharded checkpoint restore are all exercised):
+  A  6 iterations, checkpoints every 3, uninterrupted;
+  B  the same flags into another directory, stopped after 3 iterations (`run.stop_after=3`), then
+     started again without it, so it resumes from the checkpoint at 3.
+A also serves as the smoke run: its artifacts, export and timing are checked and printed. A
+compiles from scratch and fills a JAX compilation cache private to this test session, which B's
+two processes then read (about 35 s -> 9 s each on 2 cores): the programs are the same, only
+their compile time is saved.
+Configuration errors are checked in-process: they must fail before any work.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIN = "gin/tests/tiny_e2e.gin"
+FLAGS = ["--gin.TrainConfig.iterations=6", "--gin.TrainConfig.save_every=3",
+         "--gin.TrainConfig.keep_checkpoints=3"]
+
+
+def _start(run_dir: str, cache_dir: str, *extra: str) -> tuple[subprocess.Popen, float, str]:
+    log = run_dir + ".log"
+    cmd = [sys.executable, "-m", "relift_jax.main", f"--gin_file={GIN}", f"--run_dir={run_dir}",
+           *FLAGS, *extra]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    f = open(log, "w")
+    return (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT),
+            time.time(), log)
+
+
+def _wait(job, timeout: float = 300) -> float:
+    proc, t0, log = job
+    rc = proc.wait(timeout=timeout)
+    wall = time.time() - t0
+    if rc != 0:
+        with open(log) as f:
+            pytest.fail(f"{' '.join(proc.args)} exited {rc}:\n{f.read()[-4000:]}")
+    return wall
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    a, b, cache = str(root / "A"), str(root / "B"), str(root / "jax_cache")
+    wall_a = _wait(_start(a, cache))
+    wall_b1 = _wait(_start(b, cache, "--gin.run.stop_after=3"))
+    with open(b + ".log") as f:
+        first_log = f.read()
+    wall_b2 = _wait(_start(b, cache))
+    print(f"\n[e2e wall time] A (6 iterations, cold compile): {wall_a:.1f}s; "
+          f"B1 (3 iterations, cached compile): {wall_b1:.1f}s; B2 (resume, 3 iterations, "
+          f"cached compile): {wall_b2:.1f}s")
+    return {"A": a, "B": b, "first_log": first_log, "wall_a": wall_a}
+
+
+def _rows(run_dir: str) -> dict[int, dict]:
+    """metrics.jsonl rows of the iterations (rows with rollout metrics), by step."""
+    from relift_jax.metrics import read_jsonl
+    out = {}
+    for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")):
+        if "rollout/reward_mean" in r:
+            assert r["step"] not in out, f"iteration {r['step']} logged twice"
+            out[r["step"]] = r
+    return out
+
+
+# ----------------------------------------------------------------------------- the smoke run
+
+def test_run_writes_events_checkpoints_export_and_metrics(runs):
+    a = runs["A"]
+    events = glob.glob(os.path.join(a, "tensorboard", "events.*"))
+    assert events and all(os.path.getsize(e) > 0 for e in events)
+    assert sorted(int(d) for d in os.listdir(os.path.join(a, "checkpoints"))) == [3, 6]
+    final = os.path.join(a, "export", "final")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert os.path.isfile(os.path.join(final, name)), name
+    assert os.path.isfile(os.path.join(a, "operative_config.gin"))
+
+    rows = _rows(a)
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    for r in rows.values():
+        for k in ("rollout/reward_mean", "buffer/size", "buffer/sft_fired", "rl/loss",
+                  "rl/entropy", "rl/grad_norm", "rl/lr", "perf/iteration_s"):
+            assert k in r and np.isfinite(r[k]), k
+    # A random model solves nothing: every question is hardest and has a demonstration, so with
+    # N = M = 4 the buffer fires SFT at every iteration.
+    assert all(r["buffer/sft_fired"] == 1 and "sft/loss" in r for r in rows.values())
+    assert all(any(k.startswith("eval/") for k in rows[s]) for s in (2, 4, 6))
+    assert not any(k.startswith("eval/") for s in (1, 3, 5) for k in rows[s])
+    print(f"\n[e2e] smoke run A wall time {runs['wall_a']:.1f}s")
+
+
+def test_export_loads_in_relift_jax_and_transformers(runs):
+    import jax.numpy as jnp
+    from safetensors.numpy import load_file
+
+    from relift_jax import hf, model
+    final = os.path.join(runs["A"], "export", "final")
+    cfg, params = hf.load_checkpoint(final)
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (64, 2, 4, 2)
+    tok = hf.load_tokenizer(final)
+    from relift_jax.toy.tokenizer import TOKENIZER_DIR
+    ref_tok = hf.load_tokenizer(str(TOKENIZER_DIR))
+    text = "<think>\n12+34=46</think> 46"
+    assert tok.encode(text) == ref_tok.encode(text) and len(tok) == cfg.vocab_size
+
+    # The export holds the trained weights, not the initial ones: they differ from a fresh init.
+    import jax
+    fresh = model.init_params(cfg, jax.random.key(0))
+    assert not np.allclose(np.asarray(fresh["embed"]), np.asarray(params["embed"]))
+    assert set(load_file(os.path.join(final, "model.safetensors")))  # readable safetensors
+
+    tokens = np.array([tok.encode("3+4=")], np.int32)
+    ours = np.asarray(model.forward(cfg, params, jnp.asarray(tokens)))
+    torch = pytest.importorskip("torch")
+    import transformers
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=2e-4)
+
+
+# ----------------------------------------------------------------------------- resumption
+
+def test_killed_and_resumed_run_matches_the_uninterrupted_one(runs):
+    from relift_jax import hf
+    a, b = runs["A"], runs["B"]
+    assert "resumed from" not in runs["first_log"]
+    with open(b + ".log") as f:
+        second_log = f.read()
+    assert "resumed from" in second_log and "(iteration 3)" in second_log
+
+    _, pa = hf.load_checkpoint(os.path.join(a, "export", "final"))
+    _, pb = hf.load_checkpoint(os.path.join(b, "export", "final"))
+    import jax
+    la, lb = jax.tree.leaves(pa), jax.tree.leaves(pb)
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    ra, rb = _rows(a), _rows(b)
+    assert sorted(ra) == sorted(rb) == [1, 2, 3, 4, 5, 6]
+    # Timings differ between runs: perf/*, and the evaluation's throughput.
+    timing = lambda k: k.startswith("perf/") or k.endswith("tokens_per_s")  # noqa: E731
+    for step in (4, 5, 6):
+        ka = {k for k in ra[step] if not timing(k)}
+        kb = {k for k in rb[step] if not timing(k)}
+        assert ka == kb, (step, ka ^ kb)
+        diff = {k: (ra[step][k], rb[step][k]) for k in ka if ra[step][k] != rb[step][k]}
+        assert not diff, (step, diff)
+    # The first half of B matched A too (same seed, same data): a sanity check of the comparison.
+    assert ra[1]["rl/loss"] == rb[1]["rl/loss"]
+
+
+# ----------------------------------------------------------------------------- config errors
+
+def _main_error(tmp_path, *bindings) -> str:
+    import gin
+
+    from relift_jax import main
+    run_dir = str(tmp_path / "never")
+    try:
+        with pytest.raises((SystemExit, ValueError)) as e:
+            main.main([f"--gin_file={os.path.join(REPO, GIN)}", f"--run_dir={run_dir}",
+                       *bindings])
+    finally:
+        gin.clear_config()
+    assert not os.path.exists(run_dir), "failed after starting work"
+    return str(e.value)
+
+
+def test_misspelled_binding_fails_first_and_names_it(tmp_path):
+    msg = _main_error(tmp_path, "--gin.RLConfig.learnin_rate=1")
+    assert "learnin_rate" in msg
+
+
+def test_invalid_value_fails_first_and_names_the_field(tmp_path):
+    msg = _main_error(tmp_path, '--gin.TrainConfig.mode="bogus"')
+    assert "TrainConfig.mode" in msg and "bogus" in msg
