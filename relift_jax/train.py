@@ -158,9 +158,13 @@ def run(run_dir: str = gin.REQUIRED, *, stop_after: int | None = None) -> dict:
     if not questions:
         raise ValueError(f"DataConfig.train = {dcfg.train!r}: no usable question "
                          f"({dropped} dropped as longer than max_prompt_len)")
-    if train.mode != "rl" and not any(q.demo_ids for q in questions):
+    n_demos = sum(q.demo_ids is not None for q in questions)
+    if train.mode != "rl" and not n_demos:
         raise ValueError(f"TrainConfig.mode = {train.mode!r} needs demonstrations but "
                          f"{dcfg.train!r} has none")
+    if train.mode == "relift_uniform" and sft.buffer_size > n_demos:
+        raise ValueError(f"SFTConfig.buffer_size = {sft.buffer_size}: relift_uniform draws that "
+                         f"many distinct demonstrations but {dcfg.train!r} has {n_demos}")
     held_qs, held_kept, _ = make_questions(held_ex, tok, rollout, max_demo) if held_ex else ([], [], 0)
     if train.eval_questions:
         held_kept = held_kept[:train.eval_questions]
@@ -256,6 +260,8 @@ def run(run_dir: str = gin.REQUIRED, *, stop_after: int | None = None) -> dict:
             return {}
         res = evaluate_heldout(state["params"], train.eval_samples, train.eval_temperature)
         out = res.metrics("eval")
+        # A timing, not a score: keep it with the other perf/ scalars.
+        out["perf/eval_tokens_per_s"] = out.pop("eval/tokens_per_s", 0.0)
         levels: dict[int, list[float]] = {}
         for pq in res.per_question:
             lv = level_of.get(pq["source_index"])
