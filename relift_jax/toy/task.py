@@ -9,6 +9,14 @@ base model, trained by SFT on the addition levels only (`BASE_LEVELS`), lands in
     level 3  a+b, larger operand has 3 digits   hard      (base partly solves it; RL improves it)
     level 4  a-b, a has 2 digits, 0 <= b <= a   hardest   (a rule the base never saw)
     level 5  a-b, a has 3 digits, 0 <= b <= a   hardest   (a rule the base never saw)
+    level 6  a#b = a+b+1, 2 digits              hardest   (a rule the base never saw)
+    level 7  a#b = a+b+1, 3 digits              hardest   (a rule the base never saw)
+
+The main job (gin/toy/relift.gin) uses levels 1-3 and 6-7. `a#b` is the addition walk started with a
+carry of 1: a new rule inside familiar lengths and steps, which SFT on a few hundred demonstrations
+teaches (an SFT-only run of 48 x 16 demonstrations took level 6 from 0% to 75% and level 7 to 46%).
+Subtraction (4-5) needs a borrow procedure the base has no part of; at the toy budget SFT did not
+teach it (0-4% after the same run), so it is kept as a harder family but not used by default.
 
 Subtraction is a new RULE inside lengths the base was trained on, not a longer input: in a
 calibration run a small decoder needed far more than a ReLIFT budget to learn positions it had never
@@ -19,6 +27,7 @@ padding the shorter operand with zeros so every line has the same shape and ever
 arithmetic that a checker can re-execute:
 
     47+385=?   ->  <think>\\n7+5+0=12\\n4+8+1=13\\n0+3+1=4\\n</think>\\n\\boxed{432}
+    47#385=?   ->  <think>\\n7+5+1=13\\n4+8+1=13\\n0+3+1=4\\n</think>\\n\\boxed{433}
     385-47=?   ->  <think>\\n15-7-0=8\\n8-4-1=3\\n3-0-0=3\\n</think>\\n\\boxed{338}
 
 An addition line is `x+y+carry_in=s`; its carry out is the tens digit of s (so the last line's s is
