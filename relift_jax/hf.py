@@ -176,12 +176,15 @@ def load_checkpoint(path: str, dtype=jnp.float32, *, compute_dtype=None,
     config = config_from_hf(load_hf_config(path), source=os.path.join(path, "config.json"),
                             param_dtype=dt_name, compute_dtype=cd_name)
     files = _weight_files(path)
+    # Where a missing tensor should have been listed: the index when sharded, else the single file.
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    listing = index_file if os.path.exists(index_file) else os.path.join(path, "model.safetensors")
     np_dtype = ml_dtypes.bfloat16 if dt_name == "bfloat16" else np.dtype(dt_name)
     handles: dict[str, Any] = {}
 
     def read(name: str, transpose: bool, expect: tuple[int, ...]) -> np.ndarray:
         if name not in files:
-            raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint")
+            raise CheckpointError(f"{listing}: tensor {name!r} is missing from the checkpoint")
         file = files[name]
         if file not in handles:
             if not os.path.exists(file):
@@ -233,6 +236,14 @@ def to_hf_tensors(config: ModelConfig, params: Params, dtype=None) -> dict[str, 
         if ours in host["layers"]:
             for i in range(config.num_layers):
                 put(f"model.layers.{i}.{name}", host["layers"][ours][i], tr)
+    if config.model_type == "qwen2" and not config.qkv_bias:
+        # Hugging Face Qwen2 always has q/k/v biases: zeros compute the same function.
+        dt = host["layers"]["q"].dtype
+        widths = {"q": config.num_heads * config.head_dim, "k": config.num_kv_heads * config.head_dim,
+                  "v": config.num_kv_heads * config.head_dim}
+        for i in range(config.num_layers):
+            for p, width in widths.items():
+                out[f"model.layers.{i}.self_attn.{p}_proj.bias"] = np.zeros((width,), dtype or dt)
     return out
 
 
@@ -282,9 +293,19 @@ def save_checkpoint(config: ModelConfig, params: Params, path: str, *,
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     """`transformers.AutoTokenizer` from a folder, with its chat template; no remote code unless asked."""
-    from transformers import AutoTokenizer
+    import transformers
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # transformers 5 picks the class from config.json's model_type when one sits beside the
+    # tokenizer (a qwen2 folder -> Qwen2Tokenizer, byte-level), which would mangle a plain
+    # `tokenizers` vocabulary such as the toy one; the class the folder itself names wins.
+    cls = transformers.AutoTokenizer
+    tok_cfg = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(tok_cfg):
+        with open(tok_cfg) as f:
+            named = json.load(f).get("tokenizer_class")
+        if named in ("TokenizersBackend", "PreTrainedTokenizerFast") and hasattr(transformers, named):
+            cls = getattr(transformers, named)
+    tok = cls.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

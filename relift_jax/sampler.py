@@ -161,9 +161,6 @@ def sample(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]]
     n = len(rows)
     B = _batch_bucket(n, sharding.batch_divisor(mesh))
     P = bucket(max(len(r) for r in rows))
-    if P + sp.max_new_tokens > config.max_position_embeddings:
-        # Not an error: RoPE extrapolates, but say so once the user looks at the logs.
-        pass
     tokens_BxP = np.full((B, P), pad_id, np.int32)
     pad_B = np.full((B,), P - 1, np.int32)
     for i, r in enumerate(rows):

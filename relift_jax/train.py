@@ -303,6 +303,8 @@ def run(run_dir: str = gin.REQUIRED, *, stop_after: int | None = None) -> dict:
     bar = tqdm(total=train.iterations, initial=start, desc=f"{train.mode}", dynamic_ncols=True,
                disable=jax.process_index() != 0)
     last_eval: dict[str, float] = {}
+    if start == 0 and train.eval_every and held_kept:  # the starting point of every eval curve
+        writer.scalars(0, run_eval(0))
     while ctl.iteration < end:
         t0 = time.perf_counter()
         state, m = ctl.step(state)

@@ -41,14 +41,15 @@ def collect(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "summary.json")) as f:
         s = json.load(f)
     rows = _rows(os.path.join(run_dir, "metrics.jsonl"))
-    lens = [r["rollout/response_len_mean"] for r in rows if "rollout/response_len_mean" in r]
+    # Held-out response length of the final policy (every method has it; sft has no rollouts).
+    lens = [r["eval/heldout/mean_length"] for r in rows if "eval/heldout/mean_length" in r]
     final = {r["bucket"]: r["final_acc"] for r in s["buckets"]["by_level"]}
     final.update({r["bucket"]: r["final_acc"] for r in s["buckets"]["by_base_pass"]})
     base = {r["bucket"]: r["base_acc"] for r in s["buckets"]["by_base_pass"]}
     base.update({r["bucket"]: r["base_acc"] for r in s["buckets"]["by_level"]})
     return {"final": final, "base": base, "demos_used": s.get("demos_used", 0),
             "demos_used_frac": s.get("demos_used_frac", 0.0),
-            "response_len_mean": float(np.mean(lens[-5:])) if lens else float("nan"),
+            "response_len_mean": float(lens[-1]) if lens else float("nan"),
             "sft_fired": s.get("counters", {}).get("sft_fired", 0),
             "curve": [(r["step"], r["eval/heldout/accuracy"]) for r in rows
                       if "eval/heldout/accuracy" in r],
@@ -96,10 +97,11 @@ def plot(results: dict[str, list[dict]], out: str) -> None:
     for method, runs in results.items():
         steps = [s for s, _ in runs[0]["curve"]]
         accs = np.mean([[a for _, a in r["curve"]] for r in runs], axis=0)
-        ax.plot([0] + steps, [100 * runs[0]["base"]["All"]] + list(100 * accs), marker="o",
-                label=method)
+        ax.plot(steps, 100 * accs, marker="o", label=method)
     ax.set_xlabel("iteration")
     ax.set_ylabel("held-out accuracy (%, greedy)")
+    ax.set_title(f"mean over {len(next(iter(results.values())))} seed(s); iteration 0 = base model",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
