@@ -200,17 +200,17 @@ def attention_mask(kv_valid_BxS: jax.Array, start: jax.Array | int, T: int) -> j
     return causal_TxS[None] & kv_valid_BxS[:, None, :]
 
 
-def attend(q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
+def attend(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
            mask_BxTxS: jax.Array) -> jax.Array:
     """Grouped-query attention; softmax in float32. Returns [B, T, H, E]."""
     B, T, H, E = q_BxTxHxE.shape
-    K = k_BxSxKxE.shape[2]
+    K = k_BxKxSxE.shape[1]
     q = q_BxTxHxE.reshape(B, T, K, H // K, E)
-    scores_BxKxRxTxS = jnp.einsum("btkre,bske->bkrts", q, k_BxSxKxE,
+    scores_BxKxRxTxS = jnp.einsum("btkre,bkse->bkrts", q, k_BxKxSxE,
                                   preferred_element_type=jnp.float32) / math.sqrt(E)
     scores_BxKxRxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxRxTxS, -1e30)
-    probs = jax.nn.softmax(scores_BxKxRxTxS, axis=-1).astype(v_BxSxKxE.dtype)
-    out = jnp.einsum("bkrts,bske->btkre", probs, v_BxSxKxE)
+    probs = jax.nn.softmax(scores_BxKxRxTxS, axis=-1).astype(v_BxKxSxE.dtype)
+    out = jnp.einsum("bkrts,bkse->btkre", probs, v_BxKxSxE)
     return out.reshape(B, T, H, E)
 
 
@@ -220,9 +220,14 @@ def _dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
 
 
 def _layer(config: ModelConfig, lp: Params, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array,
-           mask_BxTxS: jax.Array, cache_kv, cache_start) -> tuple[jax.Array, Any]:
-    """One pre-norm block. With `cache_kv` = (k, v) [B, S, K, E] the new keys/values are written at
-    slot `cache_start` and attention reads the whole cache; the updated cache is returned."""
+           mask_BxTxS: jax.Array, cache, cache_start) -> tuple[jax.Array, Any]:
+    """One pre-norm block.
+
+    With `cache` = (k_all, v_all, layer) of shape [L, B, K, S, E], only this call's T new keys and
+    values are written (at slots cache_start..) and attention reads layer `layer` of the whole
+    cache; the updated (k_all, v_all) are returned. Writing just the new slots, in a layout the
+    attention dots read without a transpose, keeps a decode step's memory traffic small.
+    """
     B, T, _ = x_BxTxD.shape
     H, K, E = config.num_heads, config.num_kv_heads, config.head_dim
     h = rms_norm(x_BxTxD, lp["attn_norm"], config.rms_norm_eps)
@@ -230,19 +235,21 @@ def _layer(config: ModelConfig, lp: Params, x_BxTxD: jax.Array, cos: jax.Array, 
     k = _dense(h, lp["k"], lp.get("k_bias")).reshape(B, T, K, E)
     v = _dense(h, lp["v"], lp.get("v_bias")).reshape(B, T, K, E)
     q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
-    k = apply_rope(k, cos, sin)
-    if cache_kv is not None:
-        ck, cv = cache_kv
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_start, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_start, 0, 0))
-        k, v, cache_kv = ck, cv, (ck, cv)
-    attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS).reshape(B, T, H * E)
-    x_BxTxD = x_BxTxD + _dense(attn, lp["o"], lp.get("o_bias"))
+    k_BxKxTxE = apply_rope(k, cos, sin).transpose(0, 2, 1, 3)
+    v_BxKxTxE = v.transpose(0, 2, 1, 3)
+    if cache is not None:
+        k_all, v_all, i = cache
+        at = (i, 0, 0, cache_start, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k_BxKxTxE[None].astype(k_all.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(v_all, v_BxKxTxE[None].astype(v_all.dtype), at)
+        k_BxKxTxE, v_BxKxTxE, cache = k_all[i], v_all[i], (k_all, v_all)
+    attn = attend(q, k_BxKxTxE.astype(q.dtype), v_BxKxTxE.astype(q.dtype), mask_BxTxS)
+    x_BxTxD = x_BxTxD + _dense(attn.reshape(B, T, H * E), lp["o"], lp.get("o_bias"))
     h = rms_norm(x_BxTxD, lp["mlp_norm"], config.rms_norm_eps)
     gate_BxTxF = sharding.constrain(_dense(h, lp["gate"]), ("batch", "length", "act_mlp"))
     up_BxTxF = _dense(h, lp["up"])
     x_BxTxD = x_BxTxD + _dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, lp["down"])
-    return sharding.constrain(x_BxTxD, ("batch", "length", "act_embed")), cache_kv
+    return sharding.constrain(x_BxTxD, ("batch", "length", "act_embed")), cache
 
 
 # ----------------------------------------------------------------------------- forward passes
@@ -255,7 +262,7 @@ def hidden_states(config: ModelConfig, params: Params, tokens_BxT: jax.Array,
     Args:
       tokens_BxT, positions_BxT: int32 token ids and their RoPE positions.
       kv_valid_BxS: which key slots hold real tokens; without a cache S == T.
-      cache: None, or dict(k=[L, B, S, K, E], v=...) into which this call writes its T tokens at
+      cache: None, or dict(k=[L, B, K, S, E], v=...) into which this call writes its T tokens at
         slots cache_start..cache_start+T-1 before attending over all S slots.
     """
     dt = config.dtype
@@ -275,14 +282,11 @@ def hidden_states(config: ModelConfig, params: Params, tokens_BxT: jax.Array,
         x, _ = jax.lax.scan(body, x, params["layers"])
         new_cache = None
     else:
-        # The whole cache is a loop carry updated in place by dynamic_update_slice at (layer, slot).
+        # The whole cache is a loop carry, updated in place at (layer, new slots) only.
         def body(carry, lp_i):
             x, ck_all, cv_all = carry
             lp, i = lp_i
-            kv = (ck_all[i], cv_all[i])
-            x, (ck, cv) = layer(lp, x, cos, sin, mask, kv, cache_start)
-            ck_all = jax.lax.dynamic_update_index_in_dim(ck_all, ck, i, 0)
-            cv_all = jax.lax.dynamic_update_index_in_dim(cv_all, cv, i, 0)
+            x, (ck_all, cv_all) = layer(lp, x, cos, sin, mask, (ck_all, cv_all, i), cache_start)
             return (x, ck_all, cv_all), None
         (x, ck, cv), _ = jax.lax.scan(body, (x, cache["k"], cache["v"]),
                                       (params["layers"], jnp.arange(config.num_layers)))
@@ -321,7 +325,7 @@ def _forward_jit(config, params, tokens_BxT):
 
 
 def init_cache(config: ModelConfig, batch: int, slots: int, dtype=None) -> dict[str, jax.Array]:
-    """Zeroed KV cache dict(k, v) of shape [L, B, S, K, E] in the compute dtype."""
-    shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+    """Zeroed KV cache dict(k, v) of shape [L, B, K, S, E] in the compute dtype."""
+    shape = (config.num_layers, batch, config.num_kv_heads, slots, config.head_dim)
     dtype = dtype or config.dtype
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

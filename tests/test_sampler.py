@@ -282,3 +282,32 @@ def test_empty_prompt_is_refused(tiny_checkpoints):
     cfg, params = tiny_checkpoints.ours("qwen2_tied")
     with pytest.raises(ValueError, match="prompt"):
         sampler.generate(cfg, params, [[1], []], max_new_tokens=2, temperature=0.0, eos_id=0)
+
+
+def test_pick_draws_from_the_filtered_softmax():
+    """The inverse-CDF draw matches the (temperature, top-k, top-p filtered) softmax in frequency."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from relift_jax.sampler import SamplingParams, _pick
+
+    logits = np.log(np.array([0.05, 0.4, 0.0001, 0.25, 0.2, 0.0999], np.float32))
+    B = 20000
+    logits_BxV = jnp.asarray(np.tile(logits, (B, 1)))
+    cases = [
+        (SamplingParams(max_new_tokens=1, temperature=1.0), None),
+        (SamplingParams(max_new_tokens=1, temperature=0.5), None),
+        (SamplingParams(max_new_tokens=1, temperature=1.0, top_k=3), [1, 3, 4]),
+        (SamplingParams(max_new_tokens=1, temperature=1.0, top_p=0.7), [1, 3, 4]),
+    ]
+    for sp, keep in cases:
+        p = np.exp(logits / sp.temperature)
+        if keep is not None:
+            p = np.where(np.isin(np.arange(len(p)), keep), p, 0.0)
+        p = p / p.sum()
+        toks = np.asarray(_pick(logits_BxV, jax.random.key(3), sp))
+        freq = np.bincount(toks, minlength=len(p)) / B
+        assert np.abs(freq - p).max() < 0.012, (sp, freq, p)
+        if keep is not None:
+            assert set(np.unique(toks)) <= set(keep)
