@@ -19,7 +19,8 @@ import pytest
 from relift_jax import data
 from relift_jax.data import DataCursor, DataError, Example
 
-SHARED = "/work/shared/data"
+SHARED = os.environ.get("RELIFT_SHARED_DATA", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"))
 CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # printable ASCII + " " + "\n"
 VOCAB = {c: i for i, c in enumerate(CHARS)}
 UNK = len(VOCAB)

@@ -21,7 +21,8 @@ import pytest
 from relift_jax import data, evaluate as ev
 from relift_jax.data import Example
 
-SHARED = "/work/shared/data"
+SHARED = os.environ.get("RELIFT_SHARED_DATA", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"))
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"

@@ -28,7 +28,8 @@ from relift_jax.reward import (
     register_reward,
 )
 
-SHARED = pathlib.Path(os.environ.get("RELIFT_SHARED", "/work/shared")) / "data"
+SHARED = pathlib.Path(os.environ.get(
+    "RELIFT_SHARED", pathlib.Path(__file__).resolve().parent.parent.parent / "shared")) / "data"
 
 
 def think(answer: str, thought: str = "Let me compute this step by step...") -> str:
@@ -247,7 +248,7 @@ def test_choice_reward_gate_off_and_bad_truth() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Real benchmark data (skipped where /work/shared is absent)
+# Real benchmark data (skipped where ../shared is absent)
 # ---------------------------------------------------------------------------------------------
 
 
