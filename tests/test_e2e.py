@@ -94,9 +94,18 @@ def test_run_writes_events_checkpoints_export_and_metrics(runs):
         for k in ("rollout/reward_mean", "buffer/size", "buffer/sft_fired", "rl/loss",
                   "rl/entropy", "rl/grad_norm", "rl/lr", "perf/iteration_s"):
             assert k in r and np.isfinite(r[k]), k
-    # A random model solves nothing: every question is hardest and has a demonstration, so with
-    # N = M = 4 the buffer fires SFT at every iteration.
-    assert all(r["buffer/sft_fired"] == 1 and "sft/loss" in r for r in rows.values())
+    # Every toy question has a demonstration, so the buffer follows the ReLIFT rule exactly:
+    # it gains this iteration's hardest questions and fires (taking M = 4) once it holds 4.
+    # A random model solves almost nothing, so SFT fires at the first iteration.
+    size = 0
+    for step in sorted(rows):
+        r = rows[step]
+        size += r["buffer/hardest_in_batch"]
+        fired = size >= 4
+        assert r["buffer/sft_fired"] == fired and ("sft/loss" in r) == fired, step
+        size -= 4 * fired
+        assert r["buffer/size"] == size, step
+    assert rows[1]["buffer/sft_fired"] == 1
     assert all(any(k.startswith("eval/") for k in rows[s]) for s in (2, 4, 6))
     assert not any(k.startswith("eval/") for s in (1, 3, 5) for k in rows[s])
     print(f"\n[e2e] smoke run A wall time {runs['wall_a']:.1f}s")
