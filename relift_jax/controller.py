@@ -85,7 +85,7 @@ class Controller:
     def __init__(self, *, questions: list[Question], train: TrainConfig, rollout: RolloutConfig,
                  rl: RLConfig, sft: SFTConfig, packing: Packing, rl_step: Callable,
                  sft_step: Callable, sample_fn: Callable, score_fn: Callable,
-                 ref_logprobs_fn: Callable | None = None):
+                 ref_logprobs_fn: Callable | None = None, shuffle: bool = True):
         self.q = questions
         self.train, self.rollout, self.rl, self.sft = train, rollout, rl, sft
         self.packing = packing
@@ -94,8 +94,9 @@ class Controller:
         self.ref_logprobs_fn = ref_logprobs_fn
         self.demo_ids = [i for i, q in enumerate(questions) if q.demo_ids is not None]
         self.iteration = 0
-        self.cursor = DataCursor(len(questions), seed=train.seed)
-        self.demo_cursor = DataCursor(max(1, len(self.demo_ids)), seed=train.seed + 1)
+        self.cursor = DataCursor(len(questions), seed=train.seed, shuffle=shuffle)
+        self.demo_cursor = DataCursor(max(1, len(self.demo_ids)), seed=train.seed + 1,
+                                      shuffle=shuffle)
         self.buffer = DemoBuffer()
         self.demos_used: set[int] = set()
         self.counters = {"sft_fired": 0, "rl_updates": 0, "sft_updates": 0, "questions_seen": 0}

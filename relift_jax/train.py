@@ -223,7 +223,8 @@ def run(run_dir: str = gin.REQUIRED, *, stop_after: int | None = None) -> dict:
 
     ctl = Controller(questions=questions, train=train, rollout=rollout, rl=rl, sft=sft,
                      packing=packing, rl_step=on_device(rl_step), sft_step=on_device(sft_step),
-                     sample_fn=sample_fn, score_fn=score_fn, ref_logprobs_fn=ref_logprobs_fn)
+                     sample_fn=sample_fn, score_fn=score_fn, ref_logprobs_fn=ref_logprobs_fn,
+                     shuffle=dcfg.shuffle)
 
     # --- checkpoint: resume when the run directory has one
     ckpt = checkpoint.Checkpointer(run_dir, keep=train.keep_checkpoints)
