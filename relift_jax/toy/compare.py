@@ -74,6 +74,7 @@ def write_table(results: dict[str, list[dict]], out: str, seconds: dict[str, flo
         fired = float(np.mean([r["sft_fired"] for r in runs]))
         table[method] = {"accuracy": mean, "demos_used": demos, "demos_used_frac": frac,
                          "response_len_mean": rlen, "sft_fired": fired, "seeds": len(runs),
+                         "all_per_seed": [r["final"]["All"] for r in runs],
                          "seconds": seconds.get(method)}
         lines.append(f"| {method} | " + " | ".join(f"{100 * mean[c]:.1f}" for c in cols) +
                      f" | {demos:.0f} | {100 * frac:.1f} | {rlen:.1f} | {fired:.0f} |")
