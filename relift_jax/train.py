@@ -42,14 +42,19 @@ def build_base(cfg: ModelLoadConfig) -> None:
 
 
 def load_model(cfg: ModelLoadConfig, shardings_for=None) -> tuple[model.ModelConfig, Any, Any]:
-    """(config, params, tokenizer) from a Hugging Face folder."""
+    """(config, params, tokenizer) from a Hugging Face folder (built first when configured so)."""
+    if cfg.path is not None and not os.path.exists(cfg.path):
+        if not cfg.build_gin:
+            raise FileNotFoundError(f"ModelLoadConfig.path = {cfg.path!r}: no such folder (models "
+                                    f"load from a local Hugging Face folder, never from a hub)")
+        build_base(cfg)
     tok_path = cfg.tokenizer_path or cfg.path
     if tok_path == "toy":
         from relift_jax.toy.tokenizer import TOKENIZER_DIR
         tok_path = str(TOKENIZER_DIR)
+    if not os.path.isdir(tok_path):
+        raise FileNotFoundError(f"ModelLoadConfig.tokenizer_path = {tok_path!r}: no such folder")
     tok = hf.load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
-    if cfg.path is not None and not os.path.exists(cfg.path) and cfg.build_gin:
-        build_base(cfg)
     if cfg.path is None:  # a fresh random model (the toy base model starts here)
         fields = {"model_type": "qwen2", "qkv_bias": True, "vocab_size": len(tok), **cfg.random_init,
                   "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,

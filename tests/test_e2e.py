@@ -198,3 +198,14 @@ def test_misspelled_binding_fails_first_and_names_it(tmp_path):
 def test_invalid_value_fails_first_and_names_the_field(tmp_path):
     msg = _main_error(tmp_path, '--gin.TrainConfig.mode="bogus"')
     assert "TrainConfig.mode" in msg and "bogus" in msg
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    """A model path that does not exist (and no recipe to build it) names the binding."""
+    import pytest
+
+    from relift_jax import main
+
+    with pytest.raises(FileNotFoundError, match="ModelLoadConfig.path"):
+        main.main([f"--gin_file={REPO}/gin/tests/tiny_e2e.gin", f"--run_dir={tmp_path}",
+                   f"--gin.ModelLoadConfig.path='{tmp_path}/absent'"])
