@@ -16,6 +16,7 @@ setup(
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12",
         "transformers>=5.0",
+        "jinja2",  # chat templates (transformers only gets it through torch otherwise)
         "safetensors",
         "datasets",
         "sentencepiece",
