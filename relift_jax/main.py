@@ -7,6 +7,7 @@ t5x-style: gin files are repeatable, `--gin.X=Y` flags become bindings applied a
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Sequence
@@ -33,6 +34,13 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+class _QuietGinSearch(logging.Filter):
+    """gin logs an ERROR for every search-path candidate it tries before the one that exists."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found:")
+
+
 def _default_search_paths() -> list[str]:
     here = os.path.dirname(os.path.abspath(__file__))
     return [os.getcwd(), os.path.join(os.path.dirname(here), "gin")]
@@ -42,6 +50,7 @@ def parse_gin(args: argparse.Namespace) -> None:
     """Registers the configurables, then parses files and bindings; errors name the binding."""
     from relift_jax import config, evaluate, train  # noqa: F401  (registers the configurables)
 
+    logging.getLogger().addFilter(_QuietGinSearch())
     for path in [p for p in args.gin_search_paths.split(",") if p] + _default_search_paths():
         gin.add_config_file_search_path(path)
     bindings = list(args.gin_bindings)
