@@ -209,3 +209,19 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="ModelLoadConfig.path"):
         main.main([f"--gin_file={REPO}/gin/tests/tiny_e2e.gin", f"--run_dir={tmp_path}",
                    f"--gin.ModelLoadConfig.path='{tmp_path}/absent'"])
+
+
+def test_kl_penalty_to_a_frozen_reference_runs(tmp_path):
+    """RLConfig.kl_coef > 0 loads a frozen copy of the start policy; the KL is logged, >= 0
+    (low_var_kl is non-negative) and exactly 0 on an update whose policy still equals the reference."""
+    from relift_jax import main
+    from relift_jax.metrics import read_jsonl
+
+    run_dir = str(tmp_path / "kl")
+    main.main([f"--gin_file={REPO}/gin/tests/tiny_e2e.gin", f"--run_dir={run_dir}",
+               "--gin.RLConfig.kl_coef=0.1", "--gin.RLConfig.num_mini_batches=1",
+               "--gin.TrainConfig.iterations=2", "--gin.TrainConfig.eval_every=0"])
+    rows = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "rl/kl" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["rl/kl"] == 0.0  # one update per iteration: the first sees the reference itself
+    assert rows[1]["rl/kl"] > 0.0 and np.isfinite(rows[1]["rl/kl"])
