@@ -141,16 +141,19 @@ def run(run_dir: str = gin.REQUIRED, *, stop_after: int | None = None) -> dict:
         directory with a checkpoint resumes from it (TrainConfig.resume).
       stop_after: end this process after that many iterations (for tests of resumption).
     """
+    # --- mesh: set for this run only, so a second run in the same process starts clean
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    with jax.set_mesh(mesh):
+        return _train(run_dir, stop_after, mesh)
+
+
+def _train(run_dir: str, stop_after: int | None, mesh) -> dict:
     train, rollout, rl, sft = TrainConfig(), RolloutConfig(), RLConfig(), SFTConfig()
-    mcfg, dcfg, mesh_cfg = ModelLoadConfig(), DataConfig(), sharding.MeshConfig()
+    mcfg, dcfg = ModelLoadConfig(), DataConfig()
     os.makedirs(run_dir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(run_dir, "operative_config.gin"), "w") as f:
             f.write(gin.operative_config_str())
-
-    # --- mesh
-    mesh = sharding.make_mesh(mesh_cfg)
-    jax.set_mesh(mesh)
 
     # --- model and data (all validation happens here, before any compilation)
     def param_shardings(cfg):

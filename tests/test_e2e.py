@@ -225,3 +225,5 @@ def test_kl_penalty_to_a_frozen_reference_runs(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["rl/kl"] == 0.0  # one update per iteration: the first sees the reference itself
     assert rows[1]["rl/kl"] > 0.0 and np.isfinite(rows[1]["rl/kl"])
+    import jax
+    assert jax.sharding.get_abstract_mesh().empty  # the run's mesh does not leak into the caller
