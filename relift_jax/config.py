@@ -48,6 +48,12 @@ class OptimConfig:
                self.decay_steps, f"must be > 0 for schedule {self.schedule!r}")
 
 
+def _optim(cfg) -> OptimConfig:
+    """The AdamW settings of an RL or SFT config (flat fields, so gin binds them directly)."""
+    return OptimConfig(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                       grad_clip=cfg.grad_clip, warmup_steps=cfg.warmup_steps)
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
@@ -104,8 +110,7 @@ class RLConfig:
         _check(self.micro_batch_size > 0, n, "micro_batch_size", self.micro_batch_size, "must be > 0")
 
     def optim(self) -> OptimConfig:
-        return OptimConfig(learning_rate=self.learning_rate, weight_decay=self.weight_decay,
-                           grad_clip=self.grad_clip, warmup_steps=self.warmup_steps)
+        return _optim(self)
 
 
 @gin.configurable
@@ -141,8 +146,7 @@ class SFTConfig:
         _check(self.uniform_every > 0, n, "uniform_every", self.uniform_every, "must be > 0")
 
     def optim(self) -> OptimConfig:
-        return OptimConfig(learning_rate=self.learning_rate, weight_decay=self.weight_decay,
-                           grad_clip=self.grad_clip, warmup_steps=self.warmup_steps)
+        return _optim(self)
 
 
 @gin.configurable
