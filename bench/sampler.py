@@ -205,13 +205,19 @@ def hf_worker(workdir: str, N: int, threads: int) -> None:
         print(_timed(lambda: run_hf(hf_model, prompts, N, seed=int(line))), flush=True)
 
 
-def bench_cpu(size: str, args, peak: float) -> Row:
-    cfg = PRESETS[size]
+def _setup(preset: str, args):
+    """(config, random params, prompts) of a preset, the same for ours and transformers."""
+    cfg = PRESETS[preset]
     if args.num_layers:
         cfg = cfg.replace(num_layers=args.num_layers)
     params = model.init_params(cfg, jax.random.key(0))
     rng = np.random.RandomState(0)
     prompts = rng.randint(0, cfg.vocab_size, (args.batch, args.prompt_len)).tolist()
+    return cfg, params, prompts
+
+
+def bench_cpu(size: str, args, peak: float) -> Row:
+    cfg, params, prompts = _setup(size, args)
     B, N = args.batch, args.new_tokens
 
     first = _timed(lambda: run_ours(cfg, params, prompts, N, seed=0))
@@ -236,12 +242,7 @@ def bench_cpu(size: str, args, peak: float) -> Row:
 
 
 def bench_gpu(args) -> Row:
-    cfg = PRESETS["qwen2.5-0.5b"]
-    if args.num_layers:
-        cfg = cfg.replace(num_layers=args.num_layers)
-    params = model.init_params(cfg, jax.random.key(0))
-    rng = np.random.RandomState(0)
-    prompts = rng.randint(0, cfg.vocab_size, (args.batch, args.prompt_len)).tolist()
+    cfg, params, prompts = _setup("qwen2.5-0.5b", args)
     B, N = args.batch, args.new_tokens
     first = _timed(lambda: run_ours(cfg, params, prompts, N, seed=0))
     times = [_timed(lambda: run_ours(cfg, params, prompts, N, seed=r + 1))

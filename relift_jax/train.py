@@ -5,7 +5,6 @@ plain values.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -173,7 +172,8 @@ def _train(run_dir: str, stop_after: int | None, mesh) -> dict:
     if train.mode == "relift_uniform" and sft.buffer_size > n_demos:
         raise ValueError(f"SFTConfig.buffer_size = {sft.buffer_size}: relift_uniform draws that "
                          f"many distinct demonstrations but {dcfg.train!r} has {n_demos}")
-    held_qs, held_kept, _ = make_questions(held_ex, tok, rollout, max_demo) if held_ex else ([], [], 0)
+    # Held-out rows pass the same prompt-length filter as training; only the Examples are kept.
+    _, held_kept, _ = make_questions(held_ex, tok, rollout, max_demo) if held_ex else ([], [], 0)
     if train.eval_questions:
         held_kept = held_kept[:train.eval_questions]
 
