@@ -79,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if "REQUIRED" in str(e) or "gin" in str(e).lower():
             raise SystemExit(f"gin configuration error: {e}") from None
         raise
+    finally:
+        # The bindings belong to this run: a caller that goes on in the same process (a test,
+        # a notebook) must not construct its configs with them.
+        gin.clear_config()
 
 
 if __name__ == "__main__":

@@ -227,3 +227,16 @@ def test_kl_penalty_to_a_frozen_reference_runs(tmp_path):
     assert rows[1]["rl/kl"] > 0.0 and np.isfinite(rows[1]["rl/kl"])
     import jax
     assert jax.sharding.get_abstract_mesh().empty  # the run's mesh does not leak into the caller
+
+
+def test_bindings_do_not_outlive_the_run(tmp_path):
+    """main() clears the gin bindings it parsed, so configs built afterwards get their defaults."""
+    import pytest
+
+    from relift_jax import main
+    from relift_jax.config import RLConfig
+
+    with pytest.raises(FileNotFoundError):
+        main.main([f"--gin_file={REPO}/gin/tests/tiny_e2e.gin", f"--run_dir={tmp_path}",
+                   "--gin.RLConfig.kl_coef=0.1", f"--gin.ModelLoadConfig.path='{tmp_path}/absent'"])
+    assert RLConfig().kl_coef == 0.0
