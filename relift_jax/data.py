@@ -11,7 +11,10 @@ Two row schemas are read:
   demonstration}]`, optional `data_source` and `extra_info`.
 * "plain": `question`, `answer`, optional `demonstration`, `data_source` and `system`.
 
-Every malformed row raises `DataError` naming the file, the row index, the field and the rule.
+Rows come from a parquet / JSON lines file, or from one split of a local dataset folder read
+with `datasets` (`save_to_disk` output or the hub layout; `FOLDER::SPLIT` picks the split); see
+`load_examples`. Every malformed row raises `DataError` naming the source (file, or folder and
+split), the row index, the field and the rule.
 
 Also here: `convert_gsm8k`, which turns openai/grade-school-math jsonl into the relift schema
 (CLI: `python -m relift_jax.data convert-gsm8k SRC DST [--limit N]`).
@@ -20,12 +23,14 @@ Also here: `convert_gsm8k`, which turns openai/grade-school-math jsonl into the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -283,7 +288,7 @@ def parse_row(row: Mapping, *, schema: str, index: int = 0, source: str = "<row>
 
 
 # ---------------------------------------------------------------------------------------------
-# Files
+# Sources: files and dataset folders
 # ---------------------------------------------------------------------------------------------
 
 
@@ -329,37 +334,178 @@ def read_rows(path: str) -> list[Any]:
     return _read_jsonl(path, text)
 
 
-def load_examples(path: str, *, schema: str = "auto", reward: str | None = None) -> list[Example]:
-    """Read and validate every row of a data file.
+SPLIT_SEP = "::"
+DEFAULT_SPLIT = "train"
+# A folder holding (somewhere below it) one of these is read as a hub-layout dataset: the file
+# types read above plus arrow; a folder of only text, csv or images is no data source here.
+_FOLDER_DATA_EXTS = (".parquet", ".jsonl", ".json", ".arrow")
+
+
+def split_data_spec(spec: str) -> tuple[str, str | None]:
+    """`"PATH::SPLIT"` -> `("PATH", "SPLIT")`; `"PATH"` -> `("PATH", None)`.
+
+    "::" appears in no Windows path (":" is reserved there except after a drive letter) and in
+    practically no posix one; an existing path is still taken literally, so a file whose name
+    does contain "::" stays readable.
+    """
+    if SPLIT_SEP not in spec or os.path.exists(spec):
+        return spec, None
+    path, split = spec.rsplit(SPLIT_SEP, 1)
+    if not path or not split:
+        raise DataError(f"{spec}: expected PATH or PATH{SPLIT_SEP}SPLIT with both parts non-empty")
+    return path, split
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Silence `datasets` progress bars and info logging for one load, then restore them: a
+    training log should not get a bar per split."""
+    import datasets
+
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    verbosity = datasets.utils.logging.get_verbosity()
+    datasets.utils.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    try:
+        yield datasets
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.utils.enable_progress_bars()
+
+
+def _pick_split(splits: Mapping, path: str, split: str | None) -> tuple[Any, str]:
+    name = split or DEFAULT_SPLIT
+    if name not in splits:
+        how = "" if split else f"; choose one with '{path}{SPLIT_SEP}SPLIT'"
+        raise DataError(f"{path}: no split {name!r} (splits: {', '.join(sorted(splits))}){how}")
+    return splits[name], f"{path}{SPLIT_SEP}{name}"
+
+
+def _is_saved_to_disk(path: str) -> bool:
+    """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    names = set(os.listdir(path))
+    return "dataset_dict.json" in names or {"state.json", "dataset_info.json"} <= names
+
+
+def _has_data_files(path: str) -> bool:
+    for _, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .cache, .huggingface
+        if any(f.lower().endswith(_FOLDER_DATA_EXTS) for f in files):
+            return True
+    return False
+
+
+def read_folder_rows(path: str, split: str | None = None) -> tuple[list[Any], str]:
+    """Rows of one split of a local dataset folder, read with `datasets`.
 
     Args:
-        path: a `.parquet`, `.jsonl` or `.json` file.
+        path: a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a folder
+            in the Hugging Face hub layout (e.g. `data/train-00000-of-00001.parquet`, or `*.jsonl`
+            files; a README.md dataset card with `configs:` is honoured).
+        split: the split to read; None means "train" for folders with splits.
+
+    Returns:
+        `(rows, source)`: the rows as plain Python values, and the name errors should use
+        (`PATH::SPLIT` for folders with splits, `PATH` for a saved single `Dataset`).
+
+    Raises:
+        DataError: a folder in neither layout, a missing split, or one `datasets` cannot read.
+    """
+    saved = _is_saved_to_disk(path)
+    if not saved and not _has_data_files(path):
+        raise DataError(f"{path}: not a dataset folder: expected a folder written by "
+                        f"datasets' save_to_disk (dataset_info.json or dataset_dict.json) or "
+                        f"data files ({', '.join(_FOLDER_DATA_EXTS)}) in the hub layout")
+    with _quiet_datasets() as datasets, tempfile.TemporaryDirectory() as cache:
+        # The rows become Python objects at once, so an arrow cache is worth nothing after this
+        # call: a throwaway one leaves no state in ~/.cache and can never be stale. An absolute
+        # path keeps a folder named like a packaged builder ("json", "parquet") local, and only
+        # an existing local folder ever reaches `datasets`: nothing is looked up on the hub.
+        try:
+            if saved:
+                loaded = datasets.load_from_disk(path)
+            else:
+                loaded = datasets.load_dataset(os.path.abspath(path), cache_dir=cache)
+        except Exception as e:  # datasets raises many types; all mean "could not read it"
+            cause = e.__cause__ or e
+            first = (str(cause).strip().splitlines() or [""])[0]
+            raise DataError(f"{path}: datasets could not load this folder: "
+                            f"{type(cause).__name__}: {first}") from e
+        if isinstance(loaded, datasets.DatasetDict):
+            ds, source = _pick_split(loaded, path, split)
+        elif split is not None:
+            raise DataError(f"{path}: holds one dataset saved without splits; "
+                            f"drop '{SPLIT_SEP}{split}'")
+        else:
+            ds, source = loaded, path
+        return ds.to_list(), source
+
+
+def read_source(spec: str) -> tuple[list[Any], str]:
+    """Rows of a data file or of one split of a dataset folder (see `load_examples`).
+
+    Returns:
+        `(rows, source)`: the rows, and the name errors should use for them.
+    """
+    path, split = split_data_spec(spec)
+    if os.path.isdir(path):
+        return read_folder_rows(path, split)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder (expected a .parquet, .jsonl or "
+                                f".json file, or a dataset folder)")
+    if split is not None:
+        raise DataError(f"{spec}: '{SPLIT_SEP}{split}' selects a split of a dataset folder, "
+                        f"but {path} is a file")
+    return read_rows(path), path
+
+
+def load_examples(path: str, *, schema: str = "auto", reward: str | None = None) -> list[Example]:
+    """Read and validate every row of a data file or of one split of a local dataset folder.
+
+    Sources (all local; nothing is fetched from the Hugging Face hub):
+
+    * a `.parquet`, `.jsonl` or `.json` file, read directly (values exactly as stored; JSON
+      errors name the line);
+    * a folder written by `datasets.Dataset.save_to_disk` or `DatasetDict.save_to_disk`, read
+      with `datasets.load_from_disk`;
+    * a folder in the hub layout (`data/train-00000-of-00001.parquet`, `*.jsonl`, ..., with or
+      without a README.md dataset card), read with `datasets.load_dataset(folder)`.
+
+    A folder with splits gives split "train" unless `path` names one as `FOLDER::SPLIT`, e.g.
+    `data/gsm8k::test`. Folders go through arrow, which gives each column one type: numbers
+    mixing ints and floats come back as floats (42 -> "42.0"), so store ground truths as strings.
+
+    Args:
+        path: the source, as above.
         schema: "relift", "plain", or "auto" (detected from the first row's columns, then applied
             to every row).
         reward: reward function name for every row; None to infer per row ("choice" for ARC /
             GPQA / other multiple-choice sources with letter answers, else "math").
 
     Returns:
-        One Example per row, in file order (an empty list for a file without rows).
+        One Example per row, in source order (an empty list for a source without rows).
 
     Raises:
-        DataError: on an unreadable file or the first malformed row.
+        DataError: on an unreadable file or folder, a missing split, or the first malformed row
+            (named as `PATH: row I: field 'F': rule`, PATH being `FOLDER::SPLIT` for splits).
+        FileNotFoundError: if `path` does not exist.
         ValueError: on an unknown `schema` or an empty `reward`.
     """
     if schema not in SCHEMAS:
         raise ValueError(f"schema must be one of {SCHEMAS}, got {schema!r}")
     if reward is not None and (not isinstance(reward, str) or not reward):
         raise ValueError(f"reward must be None or a non-empty string, got {reward!r}")
-    rows = read_rows(path)
+    rows, source = read_source(path)
     if rows and schema == "auto":
         first = rows[0]
         if not isinstance(first, Mapping):
-            raise DataError(f"{path}: row 0: must be a dict of columns, got {_short_repr(first)}")
+            raise DataError(f"{source}: row 0: must be a dict of columns, got {_short_repr(first)}")
         try:
             schema = detect_schema(first)
         except ValueError as e:
-            raise DataError(f"{path}: row 0: {e}") from None
-    return [parse_row(row, schema=schema, index=i, source=path, reward=reward)
+            raise DataError(f"{source}: row 0: {e}") from None
+    return [parse_row(row, schema=schema, index=i, source=source, reward=reward)
             for i, row in enumerate(rows)]
 
 

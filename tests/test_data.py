@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import string
 
 import numpy as np
@@ -240,8 +241,183 @@ def test_malformed_parquet_row_and_bad_json_line(tmp_path):
     jl.write_text(json.dumps(relift_row("1+1?", "2")) + "\n\n{not json\n")
     with pytest.raises(DataError, match=r"broken\.jsonl: row 1 \(line 3\): invalid JSON"):
         data.load_examples(str(jl))
+    csv = tmp_path / "rows.csv"
+    csv.write_text("question,answer\nq?,1\n")
     with pytest.raises(DataError, match="unsupported file type"):
-        data.load_examples(str(tmp_path / "rows.csv"))
+        data.load_examples(str(csv))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset folders (read with `datasets`)
+# ---------------------------------------------------------------------------------------------
+
+FOLDER_ROWS = [relift_row("1+1?", "2", index=7),
+               relift_row("Pick one. A) x B) y", "B", demo=None, source="arc_c", index=8),
+               relift_row("2+2?", "4", demo="", index=9)]
+TEST_ROWS = [relift_row("3+3?", "6", index=0), relift_row("5*5?", "25", demo=None, index=1)]
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def assert_same_examples(got, want):
+    assert got == want
+    assert [e.extra for e in got] == [e.extra for e in want]  # extra is not part of ==
+
+
+def test_save_to_disk_dataset_matches_file(tmp_path, offline):
+    import datasets
+
+    want = data.load_examples(write_parquet(tmp_path / "rows.parquet", FOLDER_ROWS))
+    assert want == data.load_examples(write_jsonl(tmp_path / "rows.jsonl", FOLDER_ROWS))
+    folder = str(tmp_path / "saved")
+    datasets.Dataset.from_list(FOLDER_ROWS).save_to_disk(folder)
+    assert_same_examples(data.load_examples(folder), want)
+    with pytest.raises(DataError, match=r"saved: holds one dataset saved without splits; "
+                                        r"drop '::test'"):
+        data.load_examples(folder + "::test")
+
+
+def test_save_to_disk_dataset_dict_split_selection(tmp_path, offline):
+    import datasets
+
+    folder = str(tmp_path / "dict")
+    datasets.DatasetDict(train=datasets.Dataset.from_list(FOLDER_ROWS),
+                         test=datasets.Dataset.from_list(TEST_ROWS)).save_to_disk(folder)
+    train = data.load_examples(write_jsonl(tmp_path / "train.jsonl", FOLDER_ROWS))
+    test = data.load_examples(write_jsonl(tmp_path / "test.jsonl", TEST_ROWS))
+    assert_same_examples(data.load_examples(folder), train)  # "train" by default
+    assert_same_examples(data.load_examples(folder + "::train"), train)
+    assert_same_examples(data.load_examples(folder + "::test"), test)
+    with pytest.raises(DataError, match=r"dict: no split 'validation' \(splits: test, train\)$"):
+        data.load_examples(folder + "::validation")
+
+    only_test = str(tmp_path / "only_test")
+    datasets.DatasetDict(test=datasets.Dataset.from_list(TEST_ROWS)).save_to_disk(only_test)
+    with pytest.raises(DataError, match=r"only_test: no split 'train' \(splits: test\); "
+                                        r"choose one with '.*only_test::SPLIT'"):
+        data.load_examples(only_test)
+    assert_same_examples(data.load_examples(only_test + "::test"), test)
+
+
+def test_hub_layout_parquet_folder(tmp_path, offline):
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    write_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet", FOLDER_ROWS)
+    write_parquet(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet", TEST_ROWS)
+    folder = str(tmp_path / "hub")
+    assert_same_examples(data.load_examples(folder),
+                         data.load_examples(write_parquet(tmp_path / "a.parquet", FOLDER_ROWS)))
+    assert_same_examples(data.load_examples(folder + "::test"),
+                         data.load_examples(write_parquet(tmp_path / "b.parquet", TEST_ROWS)))
+
+
+def test_hub_layout_jsonl_folder_with_dataset_card(tmp_path, offline):
+    # A folder named like a packaged builder must still be read as a local folder.
+    folder = tmp_path / "json"
+    (folder / "rows").mkdir(parents=True)
+    write_jsonl(folder / "rows" / "first.jsonl", FOLDER_ROWS)
+    write_jsonl(folder / "rows" / "second.jsonl", TEST_ROWS)
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n"
+        "  - split: train\n    path: rows/first.jsonl\n"
+        "  - split: dev\n    path: rows/second.jsonl\n---\n# Toy maths\n")
+    assert_same_examples(data.load_examples(str(folder)),
+                         data.load_examples(str(folder / "rows" / "first.jsonl")))
+    assert_same_examples(data.load_examples(f"{folder}::dev"),
+                         data.load_examples(str(folder / "rows" / "second.jsonl")))
+
+    bare = tmp_path / "bare"  # no card, one file: datasets calls its only split "train"
+    bare.mkdir()
+    write_jsonl(bare / "plain.jsonl", [{"question": "a?", "answer": "1"},
+                                       {"question": "b?", "answer": "2", "demonstration": "d"}])
+    assert_same_examples(data.load_examples(str(bare)),
+                         data.load_examples(str(bare / "plain.jsonl")))
+
+
+def test_bad_row_in_dataset_folder_names_folder_split_row_field(tmp_path):
+    import datasets
+
+    bad = FOLDER_ROWS[:1] + [relift_row("x", " ")]
+    folder = str(tmp_path / "saved")
+    datasets.Dataset.from_list(bad).save_to_disk(folder)
+    with pytest.raises(DataError) as exc:
+        data.load_examples(folder)
+    assert str(exc.value).startswith(f"{folder}: row 1: field 'reward_model.ground_truth': "
+                                      f"must be a non-empty string")
+
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    write_parquet(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet", bad)
+    write_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet", FOLDER_ROWS)
+    with pytest.raises(DataError) as exc:
+        data.load_examples(f"{tmp_path / 'hub'}::test")
+    assert str(exc.value).startswith(f"{tmp_path / 'hub'}::test: row 1: field "
+                                     f"'reward_model.ground_truth': ")
+
+
+def test_missing_and_unrecognised_sources(tmp_path):
+    missing = str(tmp_path / "nowhere.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.jsonl: no such file or folder "
+                                                r"\(expected a \.parquet"):
+        data.load_examples(missing)
+    with pytest.raises(FileNotFoundError, match=r"nowhere: no such file or folder"):
+        data.load_examples(str(tmp_path / "nowhere") + "::test")
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("# just notes\n")
+    (tmp_path / "notes" / "a.txt").write_text("hello\n")
+    (tmp_path / "empty").mkdir()
+    for name in ("notes", "empty"):
+        with pytest.raises(DataError) as exc:
+            data.load_examples(str(tmp_path / name))
+        msg = str(exc.value)
+        assert msg.startswith(f"{tmp_path / name}: not a dataset folder: expected a folder "
+                              f"written by datasets' save_to_disk") and "\n" not in msg
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", FOLDER_ROWS)
+    with pytest.raises(DataError, match=r"rows\.jsonl::test: '::test' selects a split of a "
+                                        r"dataset folder, but .*rows\.jsonl is a file"):
+        data.load_examples(rows + "::test")
+    with pytest.raises(DataError, match="both parts non-empty"):
+        data.load_examples(str(tmp_path / "empty") + "::")
+
+    # datasets cannot read it: one line naming the folder and the cause.
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "rows.parquet").write_text("not parquet")
+    with pytest.raises(DataError) as exc:
+        data.load_examples(str(tmp_path / "broken"))
+    assert str(exc.value).startswith(f"{tmp_path / 'broken'}: datasets could not load this "
+                                     f"folder: ")
+    assert "\n" not in str(exc.value)
+
+
+def test_literal_path_with_separator_wins(tmp_path):
+    path = write_jsonl(tmp_path / "odd::name.jsonl", FOLDER_ROWS)
+    assert data.split_data_spec(path) == (path, None)
+    assert len(data.load_examples(path)) == 3
+    assert data.split_data_spec("C:\\data\\gsm8k::test") == ("C:\\data\\gsm8k", "test")
+
+
+def test_real_benchmark_through_dataset_folders(tmp_path, offline):
+    import datasets
+
+    src = _bench("train_time_validation")
+    want = data.load_examples(src)
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    shutil.copy(src, hub / "train-00000-of-00001.parquet")
+    assert_same_examples(data.load_examples(str(tmp_path / "hub")), want)
+    saved = str(tmp_path / "saved")
+    datasets.DatasetDict(validation=datasets.Dataset.from_parquet(src)).save_to_disk(saved)
+    assert_same_examples(data.load_examples(saved + "::validation"), want)
 
 
 def test_parse_row_normalises_numpy_arrays():
