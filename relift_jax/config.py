@@ -81,7 +81,8 @@ class RolloutConfig:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """Policy-gradient step. Defaults are the official ReLIFT (Dr.GRPO-style) ones."""
+    """Policy-gradient step. Defaults are the official ReLIFT (Dr.GRPO-style) ones, except the loss
+    scale: `seq_norm_denominator="num_devices"` reproduces the official one (losses.aggregate)."""
 
     learning_rate: float = 1e-6
     weight_decay: float = 0.01
@@ -94,6 +95,11 @@ class RLConfig:
     clip_high: float | None = None
     agg: str = "seq-mean-token-sum-norm"
     norm_len: int | None = None  # None: the rollout's max_response_len (the official 8192)
+    # seq-mean-token-sum-norm divides by the number of sequences ("num_seqs", TRL's dr_grpo) or by
+    # seq_norm_num_devices ("num_devices": the official ReLIFT scale, a 64x larger gradient at the
+    # official shapes, 512 sequences per update / 8 GPUs); see losses.aggregate for the arithmetic.
+    seq_norm_denominator: str = "num_seqs"
+    seq_norm_num_devices: int = 8  # the official run's 8 data-parallel GPUs, not our mesh size
     entropy_coef: float = 0.001
     kl_coef: float = 0.0
     kl_kind: str = "low_var_kl"
@@ -103,7 +109,17 @@ class RLConfig:
     def __post_init__(self):
         n = type(self).__name__
         _check(self.agg in AGG_MODES, n, "agg", self.agg, f"must be one of {AGG_MODES}")
+        # Imported here so that this edit stays inside RLConfig; move it to the top-level import.
+        from relift_jax.losses import K3_AMBIGUOUS, SEQ_NORM_DENOMINATORS
+        _check(self.kl_kind != "k3", n, "kl_kind", self.kl_kind, K3_AMBIGUOUS)
         _check(self.kl_kind in KL_KINDS, n, "kl_kind", self.kl_kind, f"must be one of {KL_KINDS}")
+        _check(self.seq_norm_denominator in SEQ_NORM_DENOMINATORS, n, "seq_norm_denominator",
+               self.seq_norm_denominator, f"must be one of {SEQ_NORM_DENOMINATORS}")
+        _check(self.seq_norm_denominator == "num_seqs" or self.agg == "seq-mean-token-sum-norm",
+               n, "seq_norm_denominator", self.seq_norm_denominator,
+               f"'num_devices' needs agg 'seq-mean-token-sum-norm', got agg {self.agg!r}")
+        _check(self.seq_norm_num_devices > 0, n, "seq_norm_num_devices", self.seq_norm_num_devices,
+               "must be > 0")
         _check((self.clip_low is None) == (self.clip_high is None), n, "clip_low/clip_high",
                (self.clip_low, self.clip_high), "give both or neither")
         _check(self.num_mini_batches > 0, n, "num_mini_batches", self.num_mini_batches, "must be > 0")

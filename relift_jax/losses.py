@@ -14,7 +14,8 @@ Shape key:
 Gradient accumulation: `aggregate`, `policy_loss` and `sft_loss` accept external denominators
 (`num_tokens`, `num_seqs`). When a mini-batch is split into micro-batches and each micro-batch is
 given the denominators of the WHOLE mini-batch, the sum of the micro-batch losses equals the loss
-of the whole mini-batch computed with the default denominators.
+of the whole mini-batch computed with the default denominators. The official ReLIFT scale
+(`seq_denominator="num_devices"`) divides by a constant instead, so it accumulates exactly as is.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ import jax.numpy as jnp
 ArrayLike = Any  # numpy or jax array, or a Python scalar
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_KINDS = ("k1", "k3", "low_var_kl")
+# What "seq-mean-token-sum-norm" divides the summed per-sequence losses by (see `aggregate`).
+SEQ_NORM_DENOMINATORS = ("num_seqs", "num_devices")
+# "k3" alone is deliberately absent: verl's "k3" is clamped and TRL's is not (see `kl_penalty`).
+KL_KINDS = ("k1", "k3_unclamped", "low_var_kl")
+K3_AMBIGUOUS = (
+    "ambiguous: use 'low_var_kl' for verl's clamped k3 (verl's 'k3' is an alias of it) or "
+    "'k3_unclamped' for TRL's GRPO k3"
+)
 
 
 def group_advantages(
@@ -35,11 +43,22 @@ def group_advantages(
 ) -> jax.Array:
     """Group-relative advantages (GRPO; Dr.GRPO when `scale_by_std` is False).
 
+    The std is the unbiased sample std (ddof=1, Bessel's correction), as in all three peers:
+    verl `verl/trainer/ppo/core_algos.py:compute_grpo_outcome_advantage` (`torch.std(scores_tensor)`,
+    also in the official ReLIFT fork's copy), TRL `trl/trainer/grpo_trainer.py` (`nanstd` from
+    `trl/trainer/utils.py`, which multiplies the variance by count / (count - 1)). With ddof=0 the
+    advantages would be sqrt(G / (G - 1)) too large: 1.069x for G=8.
+
+    G=1: the sample std is undefined (0/0). Each reward minus its own mean is exactly 0, and the
+    std is taken as 0 (TRL's choice for a single generation), so every advantage is 0, never NaN.
+    verl differs here: a singleton group gets mean 0 and std 1, i.e. the raw reward as advantage.
+
     Args:
         rewards: `[N*G]` rewards, ordered group by group (the G rollouts of question 0 first).
         group_size: G, the number of rollouts per question.
-        scale_by_std: divide by (population std of the group (ddof=0) + eps).
-        eps: added to the std so that a group with equal rewards gets advantage 0, not NaN.
+        scale_by_std: divide by (sample std of the group (ddof=1) + eps).
+        eps: added to the std so that a group with equal rewards gets advantage 0, not NaN
+            (verl's epsilon=1e-6; TRL uses 1e-4).
 
     Returns:
         `[N*G]` float32 advantages.
@@ -59,8 +78,8 @@ def group_advantages(
         )
     rewards_NxG = rewards_NG.reshape(-1, group_size)
     adv_NxG = rewards_NxG - rewards_NxG.mean(axis=1, keepdims=True)
-    if scale_by_std:
-        adv_NxG = adv_NxG / (rewards_NxG.std(axis=1, keepdims=True) + eps)
+    if scale_by_std and group_size > 1:  # G=1: adv is already 0 and the std is taken as 0
+        adv_NxG = adv_NxG / (rewards_NxG.std(axis=1, ddof=1, keepdims=True) + eps)
     return adv_NxG.reshape(-1)
 
 
@@ -72,6 +91,8 @@ def aggregate(
     norm_len: float | None = None,
     num_tokens: ArrayLike | None = None,
     num_seqs: ArrayLike | None = None,
+    seq_denominator: str = "num_seqs",
+    num_devices: int | None = None,
 ) -> jax.Array:
     """Reduces a per-token loss to a scalar.
 
@@ -79,12 +100,35 @@ def aggregate(
         "token-mean": sum(loss * mask) / num_tokens.
         "seq-mean-token-mean": sum over rows of (masked mean of the row; 0 for an empty row)
             / num_seqs.
-        "seq-mean-token-sum-norm": sum over rows of (masked sum of the row / norm_len) / num_seqs
-            (Dr.GRPO; `norm_len` is typically the padded response length).
+        "seq-mean-token-sum-norm": sum over rows of (masked sum of the row / norm_len) / D, where
+            `norm_len` is typically the padded response length and D is set by `seq_denominator`:
+            "num_seqs" (default): D = num_seqs. This is TRL's `loss_type="dr_grpo"`
+                (`trl/trainer/grpo_trainer.py:GRPOTrainer._compute_loss`:
+                `(per_token_loss * mask).sum() / (per_token_loss.size(0) *
+                self.max_completion_length)`), a mean over sequences.
+            "num_devices": D = num_devices, a constant: the official ReLIFT scale. The official
+                code (github TheRoadQaQ/ReLIFT, `relift/verl/verl/relift/core_algos.py:
+                compute_policy_loss` with `loss_remove_token_mean=True`) computes, per micro-batch,
+                `(pg_losses * eos_mask).sum() / eos_mask.shape[-1]` (sum over the micro-batch's
+                sequences, / the padded response length 8192) and `actor.py:update_policy`
+                backpropagates `policy_loss / self.gradient_accumulation`, where
+                gradient_accumulation = ppo_mini_batch_size // ppo_micro_batch_size after
+                `fsdp_worker.py` normalises both (x rollout.n, / data-parallel size): with
+                `examples/math-7b/train.sh` (train_batch_size=128, rollout.n=8, 8 GPUs,
+                ppo_mini_batch_size=64, ppo_micro_batch_size=64, use_dynamic_bsz=True) both are
+                64*8/8 = 64 sequences per GPU, so gradient_accumulation = 1 and each GPU's gradient
+                is the SUM over its 64 sequences of (token sum / 8192), however dynamic batching
+                splits them. FSDP then AVERAGES the gradients of the 8 GPUs. Per update (one of 2
+                mini-batches of 64 prompts x 8 = 512 sequences) the loss is therefore
+                sum over 512 sequences of (token sum / 8192) / 8, i.e. D = 8 devices, where
+                "num_seqs" gives D = 512: the official gradient is 512 / 8 = 64x ours (generally
+                num_seqs / num_devices = sequences per device per update).
 
     Default denominators: num_tokens = number of masked tokens; num_seqs = number of rows with at
     least one masked token (all-padding rows do not count). Both are floored at 1 so that an empty
     batch gives 0, not NaN. Pass the mini-batch's values when accumulating over micro-batches.
+    With seq_denominator="num_devices" the denominator does not depend on the batch, so the
+    micro-batch losses sum to the whole batch's loss with nothing to pass (num_seqs is ignored).
 
     Args:
         loss_BxT: per-token loss `[B, T]`.
@@ -93,15 +137,33 @@ def aggregate(
         norm_len: the constant per-sequence divisor; required for "seq-mean-token-sum-norm".
         num_tokens: external token count (token-mean).
         num_seqs: external sequence count (seq-mean-*).
+        seq_denominator: one of `SEQ_NORM_DENOMINATORS`; "num_devices" only with
+            "seq-mean-token-sum-norm".
+        num_devices: the data-parallel size whose averaging is reproduced (official: 8, whatever
+            our own mesh is); required with seq_denominator="num_devices".
 
     Returns:
         float32 scalar.
 
     Raises:
-        ValueError: for an unknown `agg`, or "seq-mean-token-sum-norm" without `norm_len`.
+        ValueError: for an unknown `agg` or `seq_denominator`, "seq-mean-token-sum-norm" without
+            `norm_len`, or "num_devices" with another `agg` or without a positive `num_devices`.
     """
     if agg not in AGG_MODES:
         raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {AGG_MODES}")
+    if seq_denominator not in SEQ_NORM_DENOMINATORS:
+        raise ValueError(
+            f"unknown seq_denominator {seq_denominator!r}; expected one of {SEQ_NORM_DENOMINATORS}"
+        )
+    if seq_denominator == "num_devices":
+        if agg != "seq-mean-token-sum-norm":
+            raise ValueError(
+                f"seq_denominator 'num_devices' needs agg 'seq-mean-token-sum-norm', got {agg!r}"
+            )
+        if num_devices is None or num_devices < 1:
+            raise ValueError(
+                f"seq_denominator 'num_devices' needs num_devices >= 1, got {num_devices!r}"
+            )
     mask_BxT = jnp.asarray(mask_BxT).astype(jnp.float32)
     # where, not a plain product: padded positions may hold inf/NaN (e.g. garbage logprobs).
     loss_BxT = jnp.where(mask_BxT != 0, jnp.asarray(loss_BxT, jnp.float32), 0.0) * mask_BxT
@@ -111,7 +173,9 @@ def aggregate(
         return jnp.sum(loss_BxT) / jnp.maximum(denom, 1.0)
 
     tokens_B = jnp.sum(mask_BxT, axis=1)
-    if num_seqs is None:
+    if seq_denominator == "num_devices":
+        denom = jnp.asarray(num_devices, jnp.float32)
+    elif num_seqs is None:
         denom = jnp.sum((tokens_B > 0).astype(jnp.float32))
     else:
         denom = jnp.asarray(num_seqs, jnp.float32)
@@ -147,6 +211,8 @@ def policy_loss(
     norm_len: float | None = None,
     num_tokens: ArrayLike | None = None,
     num_seqs: ArrayLike | None = None,
+    seq_denominator: str = "num_seqs",
+    num_devices: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Policy-gradient loss -A * ratio, optionally PPO-clipped, aggregated by `aggregate`.
 
@@ -159,7 +225,9 @@ def policy_loss(
         advantages: `[B]` one advantage per sequence.
         mask: `[B, T]` response-token mask.
         clip_low, clip_high: both None (no clipping) or both floats.
-        agg, norm_len, num_tokens, num_seqs: as in `aggregate`.
+        agg, norm_len, num_tokens, num_seqs, seq_denominator, num_devices: as in `aggregate`
+            (seq_denominator="num_devices" is the official ReLIFT scale; the metrics below are
+            token-means either way).
 
     Returns:
         (loss, metrics). metrics holds float32 scalars:
@@ -198,7 +266,8 @@ def policy_loss(
         loss_BxT = jnp.maximum(loss_BxT, clipped_loss_BxT)
 
     loss = aggregate(
-        loss_BxT, mask_BxT, agg, norm_len=norm_len, num_tokens=num_tokens, num_seqs=num_seqs
+        loss_BxT, mask_BxT, agg, norm_len=norm_len, num_tokens=num_tokens, num_seqs=num_seqs,
+        seq_denominator=seq_denominator, num_devices=num_devices,
     )
     # Metrics are diagnostics: keep them out of the gradient.
     ratio_BxT = jax.lax.stop_gradient(ratio_BxT)
@@ -218,29 +287,45 @@ def policy_loss(
 def kl_penalty(logprobs: ArrayLike, ref_logprobs: ArrayLike, kind: str) -> jax.Array:
     """Per-token estimate of KL(policy || reference) from sampled-token log-probabilities.
 
+    Schulman's k3 exists in two versions among the peers, under the same name, so this function
+    accepts neither bare "k3" nor a silent default between them:
+        verl `verl/trainer/ppo/core_algos.py:kl_penalty_forward`: "low_var_kl" and its alias "k3"
+            clamp `kl = ref_logprob - logprob` to [-20, 20] before `torch.exp` and the result to
+            [-10, 10]. The official ReLIFT fork's older copy (`relift/verl/verl/trainer/ppo/
+            core_algos.py:kl_penalty`, "low_var_kl" only) clamps only the result; the values are
+            the same (the output clamp binds from diff > 2.61 and diff < -11.0, inside [-20, 20]);
+            the inner clamp only keeps exp from overflowing into a NaN gradient.
+        TRL `trl/trainer/grpo_trainer.py:GRPOTrainer._compute_loss`: `torch.exp(ref - logp) -
+            (ref - logp) - 1` with no clamp at all.
+
     Args:
         logprobs: `[B, T]` under the policy.
         ref_logprobs: `[B, T]` under the reference model.
-        kind: "k1": logp - ref; "k3": exp(ref - logp) - (ref - logp) - 1 (unbiased, non-negative);
-            "low_var_kl": k3 as in verl, with ref - logp clamped to [-20, 20] and the result to
-            [-10, 10].
+        kind: "k1": logp - ref (verl "kl"/"k1");
+            "k3_unclamped": exp(ref - logp) - (ref - logp) - 1, unbiased and non-negative, with no
+                clamp (TRL's GRPO k3; grows like exp(ref - logp) for large deviations);
+            "low_var_kl": the same with ref - logp clamped to [-20, 20] and the result to
+                [-10, 10] (verl's "low_var_kl" / "k3"; zero gradient where the clamp binds).
+            "k3" is rejected with a message naming the two.
 
     Returns:
         `[B, T]` float32 (unmasked; aggregate it with the response mask).
 
     Raises:
-        ValueError: for an unknown kind.
+        ValueError: for an unknown kind, including the ambiguous "k3".
     """
     logprobs_BxT = jnp.asarray(logprobs, jnp.float32)
     ref_logprobs_BxT = jnp.asarray(ref_logprobs, jnp.float32)
     if kind == "k1":
         return logprobs_BxT - ref_logprobs_BxT
-    if kind in ("k3", "low_var_kl"):
+    if kind in ("k3_unclamped", "low_var_kl"):
         diff_BxT = ref_logprobs_BxT - logprobs_BxT
         if kind == "low_var_kl":
             diff_BxT = jnp.clip(diff_BxT, -20.0, 20.0)
         kl_BxT = jnp.exp(diff_BxT) - diff_BxT - 1.0
         return jnp.clip(kl_BxT, -10.0, 10.0) if kind == "low_var_kl" else kl_BxT
+    if kind == "k3":
+        raise ValueError(f"KL estimator 'k3' is {K3_AMBIGUOUS}")
     raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_KINDS}")
 
 

@@ -25,19 +25,58 @@ NORM_LEN = float(T)
 
 
 def np_group_advantages(rewards, g, scale_by_std, eps=1e-6):
+    """verl compute_grpo_outcome_advantage / TRL nanstd: torch.std, i.e. Bessel-corrected."""
     out = np.empty(len(rewards), np.float64)
     for start in range(0, len(rewards), g):
         grp = np.asarray(rewards[start : start + g], np.float64)
         mean = sum(grp) / g
         adv = grp - mean
         if scale_by_std:
-            std = np.sqrt(sum((grp - mean) ** 2) / g)  # ddof=0
+            # ddof=1; G=1 (undefined) is taken as std 0 as in TRL, so adv stays 0.
+            std = np.sqrt(sum((grp - mean) ** 2) / (g - 1)) if g > 1 else 0.0
             adv = adv / (std + eps)
         out[start : start + g] = adv
     return out
 
 
-def np_aggregate(loss, mask, agg, norm_len=None, num_tokens=None, num_seqs=None):
+def np_official_relift_pg_loss(logp, old, adv, mask, response_len, num_devices, max_tokens):
+    """The official ReLIFT RL loss of one update, simulated step by step from its code.
+
+    relift/verl/verl/relift/core_algos.py:compute_policy_loss, loss_remove_token_mean=True,
+    loss_remove_clip=True: pg_loss = (pg_losses * eos_mask).sum() / eos_mask.shape[-1] per
+    micro-batch. relift/verl/verl/relift/actor.py:update_policy: micro-batches by a token budget
+    (use_dynamic_bsz), each backpropagates pg_loss / gradient_accumulation with
+    gradient_accumulation = 1 at the official shapes; the gradients of a device add up; FSDP then
+    averages over the devices. The sequences are dealt to devices in contiguous chunks
+    (Dispatch.DP_COMPUTE_PROTO). Returns the loss whose gradient is the official update direction.
+    """
+    logp, old, adv, mask = (np.asarray(x, np.float64) for x in (logp, old, adv, mask))
+    gradient_accumulation = 1
+    per_device = []
+    for dev in np.array_split(np.arange(len(logp)), num_devices):
+        # Token-budget micro-batches (any partition gives the same sum: the loss has no mean).
+        micro, cur, used = [], [], 0
+        for i in dev:
+            n = int(mask[i].sum())
+            if cur and used + n > max_tokens:
+                micro.append(cur)
+                cur, used = [], 0
+            cur.append(i)
+            used += n
+        if cur:
+            micro.append(cur)
+        total = 0.0
+        for mb in micro:
+            ratio = np.exp(logp[mb] - old[mb])
+            pg_losses = -adv[mb][:, None] * ratio
+            pg_loss = (pg_losses * mask[mb]).sum() / response_len
+            total += pg_loss / gradient_accumulation
+        per_device.append(total)
+    return float(np.mean(per_device))
+
+
+def np_aggregate(loss, mask, agg, norm_len=None, num_tokens=None, num_seqs=None,
+                 seq_denominator="num_seqs", num_devices=None):
     loss = np.asarray(loss, np.float64)
     mask = np.asarray(mask, np.float64)
     if agg == "token-mean":
@@ -54,6 +93,8 @@ def np_aggregate(loss, mask, agg, norm_len=None, num_tokens=None, num_seqs=None)
             total += s / k if k > 0 else 0.0
         else:
             total += s / norm_len
+    if seq_denominator == "num_devices":
+        return total / num_devices
     n = count if num_seqs is None else num_seqs
     return total / max(n, 1)
 
@@ -141,6 +182,24 @@ def test_group_advantages(scale_by_std):
     np.testing.assert_allclose(out, np_group_advantages(rewards, g, scale_by_std), **TOL)
 
 
+def test_group_advantages_std_is_unbiased():
+    """ddof=1 as torch.std in verl and TRL: for G=8 the ddof=0 advantages were sqrt(8/7) larger."""
+    rewards = np.array([1, 0, 0, 1, 0, 0, 0, 1], np.float32)
+    out = np.asarray(losses.group_advantages(rewards, 8, scale_by_std=True))
+    adv = rewards - rewards.mean()
+    np.testing.assert_allclose(out, adv / (np.std(rewards, ddof=1) + 1e-6), **TOL)
+    ddof0 = adv / (np.std(rewards, ddof=0) + 1e-6)
+    np.testing.assert_allclose(ddof0[0] / out[0], np.sqrt(8 / 7), rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale_by_std", [False, True])
+def test_group_advantages_group_of_one_is_zero_not_nan(scale_by_std):
+    rewards = np.array([1.0, 0.0, 0.5], np.float32)
+    out = np.asarray(losses.group_advantages(rewards, 1, scale_by_std=scale_by_std))
+    np.testing.assert_array_equal(out, 0.0)
+    np.testing.assert_array_equal(np_group_advantages(rewards, 1, scale_by_std), 0.0)
+
+
 def test_group_advantages_jax_input_and_jit():
     rewards = jnp.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], jnp.float32)
     fn = jax.jit(functools.partial(losses.group_advantages, group_size=3, scale_by_std=True))
@@ -208,10 +267,12 @@ def test_policy_loss_bf16_inputs_computed_in_float32(agg):
 
 
 @pytest.mark.parametrize("num_micro", [2, 4])
-@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("agg", AGGS + ("seq-mean-token-sum-norm/num_devices",))
 def test_accumulation_identity(agg, num_micro):
     logp, old, adv, mask = pg_inputs(seed=5)
-    kw = dict(clip_low=0.2, clip_high=0.28, agg=agg, norm_len=NORM_LEN)
+    agg, _, seq_denominator = agg.partition("/")
+    seq_kw = dict(seq_denominator=seq_denominator, num_devices=8) if seq_denominator else {}
+    kw = dict(clip_low=0.2, clip_high=0.28, agg=agg, norm_len=NORM_LEN, **seq_kw)
     full, full_metrics = losses.policy_loss(logp, old, adv, mask, **kw)
     denoms = denoms_of(mask)
     total = 0.0
@@ -225,8 +286,78 @@ def test_accumulation_identity(agg, num_micro):
     np.testing.assert_allclose(total, float(full), **TOL)
     np.testing.assert_allclose(total_kl, float(full_metrics["approx_kl"]), **TOL)
     # Independently of the jax full-batch value, the sum also matches the numpy full batch.
-    ref_full, _ = np_policy_loss(logp, old, adv, mask, 0.2, 0.28, agg, norm_len=NORM_LEN)
+    ref_full, _ = np_policy_loss(logp, old, adv, mask, 0.2, 0.28, agg, norm_len=NORM_LEN, **seq_kw)
     np.testing.assert_allclose(total, ref_full, **TOL)
+
+
+# ----------------------------------------------------------------------------- official scale
+
+
+@pytest.mark.parametrize("num_micro", [1, 3, 8])
+def test_num_devices_scale_matches_official_code_and_accumulates(num_micro):
+    """The official ReLIFT loss at its shapes: 64 prompts x 8 samples = 512 sequences per update
+    on 8 devices, summed per device over token-budget micro-batches / the padded response length,
+    averaged over devices. Ours, accumulated over any micro-batch split, gives the same value and
+    gradient, 512 / 8 = 64 times the num_seqs (TRL dr_grpo) scale."""
+    rng = np.random.default_rng(11)
+    b, t, devices = 512, 16, 8
+    logp = rng.normal(-2.0, 1.0, size=(b, t)).astype(np.float32)
+    old = (logp + rng.normal(0.0, 0.3, size=(b, t))).astype(np.float32)
+    adv = rng.normal(0.0, 1.0, size=b).astype(np.float32)
+    lengths = rng.integers(1, t + 1, size=b)
+    mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.float32)
+    official = np_official_relift_pg_loss(logp, old, adv, mask, t, devices, max_tokens=200)
+
+    kw = dict(clip_low=None, clip_high=None, agg="seq-mean-token-sum-norm", norm_len=float(t),
+              seq_denominator="num_devices", num_devices=devices)
+
+    def accumulated(lp):
+        total = 0.0
+        for idx in np.array_split(np.arange(b), num_micro):
+            # The train step passes the whole batch's num_seqs; the official scale ignores it.
+            part, _ = losses.policy_loss(lp[idx], old[idx], adv[idx], mask[idx], **kw,
+                                         **denoms_of(mask))
+            total = total + part
+        return total
+
+    value, grad = jax.value_and_grad(accumulated)(jnp.asarray(logp))
+    np.testing.assert_allclose(float(value), official, rtol=1e-5, atol=1e-6)
+    ratio = np.exp(logp.astype(np.float64) - old.astype(np.float64))
+    official_grad = -adv[:, None].astype(np.float64) * ratio * mask / (t * devices)
+    np.testing.assert_allclose(np.asarray(grad), official_grad, rtol=1e-5, atol=1e-9)
+
+    per_seq, _ = losses.policy_loss(logp, old, adv, mask, **dict(kw, seq_denominator="num_seqs"))
+    np.testing.assert_allclose(float(value) / float(per_seq), b / devices, rtol=1e-5)
+    assert b / devices == 64
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_seq_denominator_num_devices_matches_numpy(agg):
+    logp, old, adv, mask = pg_inputs(seed=12)
+    kw = dict(clip_low=0.2, clip_high=0.28, agg=agg, norm_len=NORM_LEN)
+    if agg != "seq-mean-token-sum-norm":
+        with pytest.raises(ValueError, match="num_devices"):
+            losses.policy_loss(logp, old, adv, mask, **kw, seq_denominator="num_devices",
+                               num_devices=4)
+        return
+    loss, _ = losses.policy_loss(logp, old, adv, mask, **kw, seq_denominator="num_devices",
+                                 num_devices=4)
+    ref, _ = np_policy_loss(logp, old, adv, mask, 0.2, 0.28, agg, norm_len=NORM_LEN,
+                            seq_denominator="num_devices", num_devices=4)
+    np.testing.assert_allclose(float(loss), ref, **TOL)
+
+
+def test_seq_denominator_errors():
+    loss = np.zeros((2, 3), np.float32)
+    mask = np.ones((2, 3), np.float32)
+    agg = "seq-mean-token-sum-norm"
+    with pytest.raises(ValueError, match="seq_denominator"):
+        losses.aggregate(loss, mask, agg, norm_len=3.0, seq_denominator="num_gpus")
+    with pytest.raises(ValueError, match="num_devices >= 1"):
+        losses.aggregate(loss, mask, agg, norm_len=3.0, seq_denominator="num_devices")
+    with pytest.raises(ValueError, match="num_devices >= 1"):
+        losses.aggregate(loss, mask, agg, norm_len=3.0, seq_denominator="num_devices",
+                         num_devices=0)
 
 
 @pytest.mark.parametrize("num_micro", [2, 4])
@@ -301,23 +432,91 @@ def test_policy_loss_gradient_no_clip_token_mean():
 # ----------------------------------------------------------------------------- kl_penalty
 
 
+def np_k3_unclamped(logp, ref):
+    """TRL GRPOTrainer._compute_loss: exp(ref - logp) - (ref - logp) - 1, no clamp."""
+    d = np.asarray(ref, np.float64) - np.asarray(logp, np.float64)
+    return np.exp(d) - d - 1.0
+
+
+def np_low_var_kl(logp, ref):
+    """verl core_algos.kl_penalty_forward 'low_var_kl' / 'k3'."""
+    kl = np.clip(np.asarray(ref, np.float64) - np.asarray(logp, np.float64), -20.0, 20.0)
+    return np.clip(np.exp(kl) - kl - 1.0, -10.0, 10.0)
+
+
+def np_low_var_kl_relift_fork(logp, ref):
+    """The official ReLIFT fork's older verl kl_penalty 'low_var_kl': only the output clamp."""
+    with np.errstate(over="ignore"):
+        kl = np.asarray(ref, np.float64) - np.asarray(logp, np.float64)
+        return np.clip(np.exp(kl) - kl - 1.0, -10.0, 10.0)
+
+
 def test_kl_penalty():
     rng = np.random.default_rng(8)
     logp = rng.normal(-2.0, 1.0, size=(B, T)).astype(np.float32)
     ref = (logp + rng.normal(0.0, 0.5, size=(B, T))).astype(np.float32)
     lp64, ref64 = logp.astype(np.float64), ref.astype(np.float64)
     np.testing.assert_allclose(np.asarray(losses.kl_penalty(logp, ref, "k1")), lp64 - ref64, **TOL)
-    d = ref64 - lp64
-    k3 = np.exp(d) - d - 1.0
-    out = np.asarray(losses.kl_penalty(logp, ref, "k3"))
-    np.testing.assert_allclose(out, k3, **TOL)
+    out = np.asarray(losses.kl_penalty(logp, ref, "k3_unclamped"))
+    np.testing.assert_allclose(out, np_k3_unclamped(logp, ref), **TOL)
     assert np.all(out >= 0)
-    np.testing.assert_allclose(np.asarray(losses.kl_penalty(logp, ref, "low_var_kl")), k3, **TOL)
-    # low_var_kl clamps large deviations.
-    big = np.asarray(losses.kl_penalty(np.zeros(2), np.array([5.0, -30.0]), "low_var_kl"))
-    np.testing.assert_allclose(big, [10.0, 10.0], **TOL)
+    # Small deviations: both k3 versions agree.
+    np.testing.assert_allclose(
+        np.asarray(losses.kl_penalty(logp, ref, "low_var_kl")), np_low_var_kl(logp, ref), **TOL
+    )
+    np.testing.assert_allclose(np_low_var_kl(logp, ref), out, **TOL)
     with pytest.raises(ValueError, match="k2"):
         losses.kl_penalty(logp, ref, "k2")
+
+
+def test_kl_penalty_extreme_values():
+    """Where the peers' k3 versions differ: large |ref - logp|."""
+    diffs = np.array([-100.0, -30.0, -20.5, -11.5, -10.5, -1.0, 0.0, 2.0, 2.7, 5.0, 30.0, 100.0])
+    logp = np.zeros_like(diffs, np.float32)
+    ref = diffs.astype(np.float32)
+    low = np.asarray(losses.kl_penalty(logp, ref, "low_var_kl"))
+    np.testing.assert_allclose(low, np_low_var_kl(logp, ref), **TOL)
+    # The fork's version without the inner clamp gives the same values (its clamp binds first).
+    np.testing.assert_allclose(low, np_low_var_kl_relift_fork(logp, ref), **TOL)
+    np.testing.assert_allclose(low[[0, 1, 2, 3, 8, 9, 10, 11]], 10.0, **TOL)
+    # Unclamped: TRL's k3 grows without bound; finite in float32 up to exp(88).
+    unclamped = np.asarray(losses.kl_penalty(logp[:-1], ref[:-1], "k3_unclamped"))
+    np.testing.assert_allclose(unclamped, np_k3_unclamped(logp[:-1], ref[:-1]), rtol=1e-6)
+    assert unclamped[-2] == pytest.approx(np.exp(5.0) - 6.0, rel=1e-6)  # 142.4, clamped: 10
+    # The clamped gradient is finite everywhere and 0 where the clamp binds.
+    grad = np.asarray(jax.grad(lambda lp: losses.kl_penalty(lp, ref, "low_var_kl").sum())(
+        jnp.asarray(logp)))
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_array_equal(grad[[0, 1, 2, 3, 8, 9, 10, 11]], 0.0)
+    # d/dlogp (e^d - d - 1) with d = ref - logp is 1 - e^d.
+    np.testing.assert_allclose(grad[[4, 5, 6, 7]], 1.0 - np.exp(diffs[[4, 5, 6, 7]]), **TOL)
+
+
+def test_kl_k3_is_ambiguous_and_rejected():
+    assert "k3" not in losses.KL_KINDS
+    x = np.zeros((1, 2), np.float32)
+    with pytest.raises(ValueError, match="low_var_kl.*k3_unclamped"):
+        losses.kl_penalty(x, x, "k3")
+
+
+# ----------------------------------------------------------------------------- RLConfig
+
+
+def test_rl_config_validates_loss_options():
+    from relift_jax.config import RLConfig
+
+    assert RLConfig().seq_norm_denominator == "num_seqs"
+    cfg = RLConfig(seq_norm_denominator="num_devices")
+    assert cfg.seq_norm_num_devices == 8  # the official 8 GPUs
+    with pytest.raises(ValueError, match=r"^RLConfig.kl_kind = 'k3': .*'low_var_kl'.*'k3_unclamped'"):
+        RLConfig(kl_kind="k3")
+    assert RLConfig(kl_kind="k3_unclamped").kl_kind == "k3_unclamped"
+    with pytest.raises(ValueError, match="seq_norm_denominator"):
+        RLConfig(seq_norm_denominator="official")
+    with pytest.raises(ValueError, match="seq-mean-token-sum-norm"):
+        RLConfig(seq_norm_denominator="num_devices", agg="token-mean")
+    with pytest.raises(ValueError, match="seq_norm_num_devices"):
+        RLConfig(seq_norm_num_devices=0)
 
 
 # ----------------------------------------------------------------------------- SFT side
