@@ -3,17 +3,10 @@
 Used from the command line on a finished checkpoint and by the trainer on a held-out split (it calls
 `evaluate()` with ready `Example` lists). The protocol (docs/relift.md): temperature 0.6,
 top_p 1.0, up to 8192 new tokens, system prompt removed, generation prompt ending in
-"<think>\\n", math-verify on the text after "</think>".
+"<think>\\n", math-verify on the text after "</think>". Where a response stops and which of its
+text is graded follow relift_jax.rollout_policy, as for RL rollouts.
 
-Benchmarks (`BENCHMARKS`, files in relift_jax/benchmarks/): aime24, aime25, amc (32 samples each:
-avg@32), math500, minerva, olympiad (the six of `MATH_BENCHMARKS`, averaged into `math_avg`);
-arc_c, gpqa (multiple choice, out of distribution: `ood_avg`); gsm8k (grade-school maths, reported
-on its own and in neither average, since the paper's table has no GSM8K column).
-
-Resumable: with an output_dir, responses.jsonl is written one whole batch at a time. Batches are a
-deterministic function of the questions and settings, and each batch's seed is derived from
-(settings.seed, suite, batch index), so a rerun skips the finished batches and regenerates the rest
-exactly as an uninterrupted run would have.
+The benchmarks live in relift_jax.benchmarks, the resumable responses.jsonl in relift_jax.records.
 
 CLI: python -m relift_jax.evaluate --checkpoint=PATH [--benchmarks=aime24,math500] [--samples=N]
     [--max_new_tokens=N] [--limit=N] [--output_dir=DIR] [--gin_file=F ...] [--gin.X=Y ...]
@@ -36,52 +29,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import gin
 import numpy as np
 
-from relift_jax import data
+from relift_jax import data, rollout_policy
+from relift_jax.benchmarks import (BENCHMARKS, MATH_BENCHMARKS, OOD_BENCHMARKS, Question,
+                                   check_benchmark_names, resolve_suites)
 from relift_jax.data import Example
+from relift_jax.records import RecordStore, batch_seed, plan_batches
 from relift_jax.reward import pass_at_k  # the unbiased estimator, per question
 
-BENCHMARK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
-RESPONSES_FILE = "responses.jsonl"
-SUMMARY_JSON = "summary.json"
-SUMMARY_MD = "summary.md"
-FINGERPRINT_FILE = "eval_config.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class Benchmark:
-    """One registered benchmark.
-
-    Attributes:
-        name: the name used on the command line and in metrics.
-        file: file name in BENCHMARK_DIR.
-        data_source: keep only rows with this `data_source` (None: every row).
-        samples: default samples per question (the k of avg@k).
-        reward: reward function name ("math" or "choice").
-    """
-
-    name: str
-    file: str
-    data_source: str | None
-    samples: int
-    reward: str
-
-
-BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    Benchmark("aime24", "math_eval.parquet", "aime", 32, "math"),
-    Benchmark("aime25", "math_eval.parquet", "aime25", 32, "math"),
-    Benchmark("amc", "math_eval.parquet", "amc", 32, "math"),
-    Benchmark("math500", "math_eval.parquet", "math", 1, "math"),
-    Benchmark("minerva", "math_eval.parquet", "minerva", 1, "math"),
-    Benchmark("olympiad", "math_eval.parquet", "olympiad_bench", 1, "math"),
-    Benchmark("arc_c", "arc_c.parquet", "arc_c", 1, "choice"),
-    Benchmark("gpqa", "gpqa_diamond.parquet", "gpqa", 1, "choice"),
-    Benchmark("gsm8k", "gsm8k_test.jsonl", None, 1, "math"),
-)}
-MATH_BENCHMARKS = ("aime24", "aime25", "amc", "math500", "minerva", "olympiad")
-OOD_BENCHMARKS = ("arc_c", "gpqa")
 DEFAULT_PASS_K = (1, 8, 16, 32)
 
 
@@ -178,141 +134,6 @@ class EvalSettings:
         out = dataclasses.asdict(self)
         out["pass_k"] = list(self.pass_k)
         return out
-
-
-if __name__ != "__main__":
-    # `python -m relift_jax.evaluate` executes this file as __main__ and then (through the
-    # trampoline at the bottom) imports it as relift_jax.evaluate; gin refuses a second
-    # registration, so only the package module registers.
-    gin.external_configurable(EvalSettings, name="EvalSettings", module="relift_jax.evaluate")
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmarks -> questions
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Question:
-    """One distinct question of a suite.
-
-    Attributes:
-        suite: the suite (benchmark) name.
-        qid: position of the question in its suite, in order of first appearance.
-        example: its first row.
-        repeats: how many identical rows the source held (32 for AIME in math_eval.parquet).
-    """
-
-    suite: str
-    qid: int
-    example: Example
-    repeats: int
-
-
-def benchmark_path(file: str) -> str:
-    """Absolute path of a packaged benchmark file."""
-    return os.path.join(BENCHMARK_DIR, file)
-
-
-def _gsm8k_examples(path: str) -> list[Example]:
-    """GSM8K test rows -> Examples, on the fly: ground truth = the number after "####" without
-    thousands separators; prompt = question + the boxed-answer instruction (as in
-    data.convert_gsm8k)."""
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    out = []
-    for i, row in enumerate(rows):
-        answer = row.get("answer")
-        if not isinstance(answer, str) or "####" not in answer:
-            raise data.DataError(f"{path}: row {i}: field 'answer': must be a solution ending in "
-                                 f"'#### N', got {str(answer)[:80]!r}")
-        truth = answer.rsplit("####", 1)[1].strip().replace(",", "")
-        question = str(row.get("question", "")).strip()
-        if not truth or not question:
-            raise data.DataError(f"{path}: row {i}: empty 'question' or final answer")
-        messages = ({"role": "user", "content": question + data.GSM8K_INSTRUCTION},)
-        out.append(Example(i, messages, truth, None, "gsm8k", "math", {}))
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def _load_file(file: str, reward: str) -> tuple[Example, ...]:
-    # math_eval.parquet backs six benchmarks: read it once.
-    path = benchmark_path(file)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: packaged benchmark file is missing "
-                                f"(reinstall relift_jax)")
-    if file.startswith("gsm8k"):
-        return tuple(_gsm8k_examples(path))
-    return tuple(data.load_examples(path, reward=reward))
-
-
-def load_benchmark(name: str) -> list[Example]:
-    """All rows of a registered benchmark (repeated rows included).
-
-    Raises:
-        ValueError: unknown name (the message lists the valid ones).
-    """
-    check_benchmark_names([name])
-    bench = BENCHMARKS[name]
-    rows = _load_file(bench.file, bench.reward)
-    return [ex for ex in rows if bench.data_source is None or ex.data_source == bench.data_source]
-
-
-def check_benchmark_names(names: Sequence[str]) -> None:
-    """Raise a ValueError naming every unknown benchmark and listing the valid names."""
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; valid names: {', '.join(BENCHMARKS)}")
-
-
-def group_questions(suite: str, examples: Sequence[Example]) -> list[Question]:
-    """Merge identical rows (same messages, ground truth, source and reward) into one Question.
-
-    math_eval.parquet stores each AIME/AMC question 32 times to mean avg@32: those are 32 samples
-    of ONE question, never 32 questions.
-    """
-    groups: dict[tuple, list] = {}
-    for ex in examples:
-        key = (tuple((m.get("role"), m.get("content")) for m in ex.messages), ex.ground_truth,
-               ex.data_source, ex.reward)
-        if key in groups:
-            groups[key][1] += 1
-        else:
-            groups[key] = [ex, 1]
-    return [Question(suite, i, ex, n) for i, (ex, n) in enumerate(groups.values())]
-
-
-def resolve_suites(suites: Mapping[str, Sequence[Example]] | Sequence[str],
-                   limit: int | None = None) -> dict[str, list[Question]]:
-    """Benchmark names or {suite: examples} -> {suite: questions}, names checked first.
-
-    Args:
-        suites: registered benchmark names, or a mapping from suite name to Examples (the
-            trainer's held-out split); a mapping value may also be None to mean the registered
-            benchmark of that name.
-        limit: keep the first `limit` questions of each suite.
-
-    Returns:
-        Ordered {suite: [Question]}.
-    """
-    if isinstance(suites, str):
-        suites = [s.strip() for s in suites.split(",") if s.strip()]
-    if isinstance(suites, Mapping):
-        items = list(suites.items())
-    else:
-        items = [(name, None) for name in suites]
-    if not items:
-        raise ValueError("no suites to evaluate")
-    check_benchmark_names([name for name, rows in items if rows is None])
-    names = [name for name, _ in items]
-    if len(set(names)) != len(names):
-        raise ValueError(f"suite names must be unique, got {names}")
-    out = {}
-    for name, rows in items:
-        questions = group_questions(name, load_benchmark(name) if rows is None else rows)
-        out[name] = questions[:limit] if limit is not None else questions
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,97 +273,25 @@ def summarize(questions: Mapping[str, Sequence[Question]], records: Sequence[dic
 
 
 # ---------------------------------------------------------------------------------------------
-# Batching, seeds, resume
-# ---------------------------------------------------------------------------------------------
-
-
-def batch_seed(seed: int, suite: str, batch: int) -> int:
-    """Seed of one batch: a stable hash (Python's hash() of a str changes per process)."""
-    digest = hashlib.sha256(f"{seed}/{suite}/{batch}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def plan_batches(prompt_lens: Sequence[int], samples: int, batch_size: int) -> list[list[int]]:
-    """Positions of the questions in each batch: sorted by prompt length (ties by position) so
-    that short prompts share a batch and pad little; max(1, batch_size // samples) per batch."""
-    order = sorted(range(len(prompt_lens)), key=lambda i: (prompt_lens[i], i))
-    per = max(1, batch_size // samples)
-    return [order[i:i + per] for i in range(0, len(order), per)]
-
-
-def _read_records(path: str) -> tuple[list[dict], bool]:
-    """Lines of an existing responses.jsonl, and whether its last line was torn (a crash
-    mid-write; that line is ignored)."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                return records, True
-            raise ValueError(f"{path}: line {i + 1} is not JSON; the file is damaged "
-                             f"(delete it or choose another output_dir)") from None
-    return records, bool(lines) and not lines[-1].endswith("\n")
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)  # never a half-written summary under the real name
-
-
-def _check_fingerprint(output_dir: str, fingerprint: dict) -> None:
-    """Refuse to mix responses of two different evaluations in one output_dir."""
-    path = os.path.join(output_dir, FINGERPRINT_FILE)
-    responses = os.path.join(output_dir, RESPONSES_FILE)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old != fingerprint:
-            diffs = [k for k in fingerprint if old.get(k) != fingerprint[k]]
-            detail = diffs
-            if "settings" in diffs:
-                detail = [f"settings.{k}: {old['settings'].get(k)!r} -> {v!r}"
-                          for k, v in fingerprint["settings"].items()
-                          if old.get("settings", {}).get(k) != v] or diffs
-            raise ValueError(f"{output_dir} holds responses of a different evaluation "
-                             f"(differs in {detail}); use another --output_dir or delete it")
-    elif os.path.exists(responses) and os.path.getsize(responses) > 0:
-        raise ValueError(f"{responses} exists but {path} does not: cannot tell which evaluation "
-                         f"wrote it; use another --output_dir or delete it")
-    _write_json(path, fingerprint)
-
-
-# ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 
 
-def _stop_ids(tokenizer: Any) -> tuple[int, list[int]]:
-    """(eos_id, extra stop ids): the tokenizer's EOS plus ChatML's turn ends when present."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; generation could never stop")
-    vocab = tokenizer.get_vocab()
-    extra = [vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab and vocab[t] != eos]
-    return int(eos), extra
-
-
 def evaluate(config: Any, params: Any, tokenizer: Any,
              suites: Mapping[str, Sequence[Example]] | Sequence[str], settings: EvalSettings,
-             *, scorer: Any = None, output_dir: str | None = None, progress: bool = True,
-             mesh: Any = None, generate_fn: Callable | None = None) -> EvalResult:
+             *, stop_ids: Sequence[int] | None = None, scorer: Any = None,
+             output_dir: str | None = None, progress: bool = True, mesh: Any = None,
+             generate_fn: Callable | None = None) -> EvalResult:
     """Sample, grade and aggregate.
 
     Args:
         config, params: the model (relift_jax.model).
         tokenizer: Hugging Face tokenizer with a chat template.
-        suites: benchmark names (see BENCHMARKS) or {suite name: Examples}.
+        suites: benchmark names (see relift_jax.benchmarks.BENCHMARKS) or {suite: Examples}.
         settings: EvalSettings.
+        stop_ids: the ids that end a response, EOS first; None: rollout_policy.stop_ids(tokenizer)
+            (pass rollout_policy.stop_ids(tokenizer, model_dir) where the model folder is known,
+            so that its generation_config.json counts too).
         scorer: a RewardScorer (kept open); None builds one from the settings and closes it.
         output_dir: where responses.jsonl, summary.json and summary.md go; an existing
             responses.jsonl of the same evaluation is resumed. None: nothing is written.
@@ -554,106 +303,102 @@ def evaluate(config: Any, params: Any, tokenizer: Any,
         EvalResult.
     """
     questions = resolve_suites(suites, settings.limit)  # bad names fail before any compilation
+    stops = tuple(int(i) for i in (rollout_policy.stop_ids(tokenizer) if stop_ids is None
+                                   else stop_ids))
+    if not stops:
+        raise ValueError("evaluate: stop_ids must name at least one token id (EOS first)")
+    want = settings.require_think_close
+    if scorer is not None and getattr(scorer, "require_think_close", want) != want:
+        raise ValueError(f"scorer.require_think_close={scorer.require_think_close} but "
+                         f"EvalSettings.require_think_close={want}")
     if generate_fn is None:
         from relift_jax.sampler import generate as generate_fn
-    eos_id, extra_stops = _stop_ids(tokenizer)
-    stop_set = {eos_id, *extra_stops}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    sample = functools.partial(
+        generate_fn, config, params, max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+        eos_id=stops[0], stop_ids=list(stops[1:]), mesh=mesh,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0])
     questions, prompt_ids, plans, dropped = _encode_and_plan(tokenizer, questions, settings)
-
-    records: list[dict] = []
-    finished: set[tuple[str, int]] = set()
-    out_file = None
-    if output_dir is not None:
-        os.makedirs(output_dir, exist_ok=True)
-        fingerprint = _fingerprint(config, settings, questions, prompt_ids, plans)
-        _check_fingerprint(output_dir, fingerprint)
-        records, finished = _resume(os.path.join(output_dir, RESPONSES_FILE), questions, plans,
-                                    settings)
-        out_file = open(os.path.join(output_dir, RESPONSES_FILE), "a", encoding="utf-8")
-
-    own_scorer = scorer is None
-    if not own_scorer and getattr(scorer, "require_think_close",
-                                  settings.require_think_close) != settings.require_think_close:
-        raise ValueError(f"scorer.require_think_close={scorer.require_think_close} but "
-                         f"EvalSettings.require_think_close={settings.require_think_close}")
-
-    total_q = sum(len(qs) for qs in questions.values())
-    resumed_q = sum(len(plans[s][b]) for s, b in finished)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_q, initial=resumed_q, desc="eval", unit="q")
-    timing = {"sampling_s": 0.0, "generated_tokens": 0, "batches_run": 0,
-              "batches_resumed": len(finished), "suites": {}}
+    store, own_scorer, bar = RecordStore(output_dir), scorer is None, None
     try:
-        for suite, plan in plans.items():
-            g = settings.samples_for(suite)
-            s_time, s_tokens = 0.0, 0
-            for b, positions in enumerate(plan):
-                if (suite, b) in finished:
-                    continue
-                if bar is not None:
-                    bar.set_postfix_str(suite)
-                batch_qs = [questions[suite][i] for i in positions]
-                start = time.perf_counter()
-                out = generate_fn(config, params, [prompt_ids[suite][i] for i in positions],
-                                  max_new_tokens=settings.max_new_tokens,
-                                  temperature=settings.temperature, top_p=settings.top_p,
-                                  top_k=settings.top_k, eos_id=eos_id, stop_ids=extra_stops,
-                                  seed=batch_seed(settings.seed, suite, b), num_samples=g,
-                                  pad_id=pad_id, mesh=mesh)
-                elapsed = time.perf_counter() - start
-                if scorer is None:
-                    # Built on first use: a fully resumed run never pays for the worker start-up.
-                    from relift_jax.reward import RewardScorer
+        records, finished = store.open(
+            _fingerprint(config, settings, questions, prompt_ids, plans, stops),
+            _expected_rows(questions, plans, settings))
+        todo = {s: [(b, [questions[s][i] for i in pos], [prompt_ids[s][i] for i in pos])
+                    for b, pos in enumerate(plan) if (s, b) not in finished]
+                for s, plan in plans.items()}
+        if own_scorer and any(todo.values()):  # a fully resumed run never starts reward workers
+            from relift_jax.reward import RewardScorer
 
-                    scorer = RewardScorer(num_workers=settings.reward_workers,
-                                          timeout_s=settings.reward_timeout_s,
-                                          require_think_close=settings.require_think_close)
-                new = _batch_records(tokenizer, suite, b, batch_qs, g, out, stop_set, scorer)
-                s_time += elapsed
-                s_tokens += sum(r["length"] for r in new)
-                if out_file is not None:
-                    # One write per batch, then flush: a crash leaves whole batches (plus at most
-                    # one torn line, which resume ignores).
-                    out_file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
-                    out_file.flush()
-                    os.fsync(out_file.fileno())
-                records.extend(new)
-                timing["batches_run"] += 1
-                if bar is not None:
-                    bar.update(len(positions))
-                    tps = (timing["generated_tokens"] + s_tokens) / max(
-                        timing["sampling_s"] + s_time, 1e-9)
-                    bar.set_postfix_str(f"{suite} {tps:.0f} tok/s")
-            timing["sampling_s"] += s_time
-            timing["generated_tokens"] += s_tokens
-            timing["suites"][suite] = {"sampling_s": s_time, "generated_tokens": s_tokens,
-                                       "tokens_per_s": s_tokens / s_time if s_time else None}
+            scorer = RewardScorer(num_workers=settings.reward_workers, require_think_close=want,
+                                  timeout_s=settings.reward_timeout_s)
+        timing = {"sampling_s": 0.0, "generated_tokens": 0, "batches_run": 0,
+                  "batches_resumed": len(finished), "suites": {}}
+        bar = _progress_bar(progress, total=sum(len(qs) for qs in questions.values()),
+                            initial=sum(len(plans[s][b]) for s, b in finished))
+        for suite, batches in todo.items():
+            records += _run_suite(suite, batches, sample, tokenizer, stops, scorer, store,
+                                  settings, timing, bar)
     finally:
         if bar is not None:
             bar.close()
-        if out_file is not None:
-            out_file.close()
+        store.close()
         if own_scorer and scorer is not None:
             scorer.close()
+    timing["reward_timeouts"] = int(getattr(scorer, "num_timeouts", 0))
+    return _finish(questions, records, settings, dropped, timing, store)
 
-    # Sampling wall time includes compilation: the first batches of a new shape are slower.
+
+def _run_suite(suite: str, todo: Sequence[tuple[int, list[Question], list[list[int]]]],
+               sample: Callable, tokenizer: Any, stops: tuple[int, ...], scorer: Any,
+               store: RecordStore, settings: EvalSettings, timing: dict, bar: Any) -> list[dict]:
+    """Sample, grade and store the unfinished batches (index, questions, prompts) of one suite."""
+    g = settings.samples_for(suite)
+    t = timing["suites"][suite] = {"sampling_s": 0.0, "generated_tokens": 0}
+    records = []
+    for b, batch_qs, prompts in todo:
+        if bar is not None:
+            bar.set_postfix_str(suite)
+        start = time.perf_counter()
+        out = sample(prompts, seed=batch_seed(settings.seed, suite, b), num_samples=g)
+        elapsed = time.perf_counter() - start
+        new = _batch_records(tokenizer, suite, b, batch_qs, g, out, stops, scorer)
+        store.append(new)
+        records += new
+        tokens = sum(r["length"] for r in new)
+        for d in (t, timing):
+            d["sampling_s"] += elapsed
+            d["generated_tokens"] += tokens
+        timing["batches_run"] += 1
+        if bar is not None:
+            bar.update(len(batch_qs))
+            tps = timing["generated_tokens"] / max(timing["sampling_s"], 1e-9)
+            bar.set_postfix_str(f"{suite} {tps:.0f} tok/s")
+    t["tokens_per_s"] = t["generated_tokens"] / t["sampling_s"] if t["sampling_s"] else None
+    return records
+
+
+def _finish(questions: Mapping[str, list[Question]], records: list[dict], settings: EvalSettings,
+            dropped: Mapping[str, int], timing: dict, store: RecordStore) -> EvalResult:
+    """Aggregate in a fixed order (a resumed run equals an uninterrupted one) and write the
+    summaries. Sampling wall time includes compilation: the first batches of a shape are slower."""
     timing["tokens_per_s"] = (timing["generated_tokens"] / timing["sampling_s"]
                               if timing["sampling_s"] else None)
-    timing["reward_timeouts"] = int(getattr(scorer, "num_timeouts", 0))
-    order = {s: i for i, s in enumerate(plans)}
+    order = {s: i for i, s in enumerate(questions)}
     records.sort(key=lambda r: (order[r["suite"]], r["question"], r["sample"]))
     summary, per_question = summarize(questions, records, settings, dropped)
     summary["timing"] = timing
     table = format_table(summary)
-    if output_dir is not None:
-        _write_json(os.path.join(output_dir, SUMMARY_JSON), summary)
-        with open(os.path.join(output_dir, SUMMARY_MD), "w", encoding="utf-8") as f:
-            f.write(table)
+    store.write_summary(summary, table)
     return EvalResult(summary, table, records, per_question)
+
+
+def _progress_bar(show: bool, total: int, initial: int) -> Any:
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="eval", unit="q")
 
 
 def _encode_and_plan(tokenizer: Any, questions: Mapping[str, list[Question]],
@@ -683,21 +428,13 @@ def _encode_and_plan(tokenizer: Any, questions: Mapping[str, list[Question]],
 
 
 def _batch_records(tokenizer: Any, suite: str, batch: int, batch_qs: Sequence[Question], g: int,
-                   out: Any, stop_set: set[int], scorer: Any) -> list[dict]:
+                   out: Any, stops: Sequence[int], scorer: Any) -> list[dict]:
     """Decode and grade one batch; rows of `out` are question by question, g samples each."""
     n_rows = len(batch_qs) * g
     if len(out.tokens) != n_rows:
         raise RuntimeError(f"generate returned {len(out.tokens)} rows, expected {n_rows} "
                            f"({len(batch_qs)} questions x {g} samples)")
-    texts = []
-    for toks, stopped in zip(out.tokens, out.stopped):
-        toks = list(toks)
-        if stopped and toks and toks[-1] in stop_set:
-            toks = toks[:-1]  # the stop token is not part of the answer text
-        # Keep special tokens: where "</think>" is a special token, skipping it would fail the
-        # format gate of every response.
-        texts.append(tokenizer.decode(toks, skip_special_tokens=False,
-                                      clean_up_tokenization_spaces=False))
+    texts = [rollout_policy.response_text(tokenizer, toks, stops) for toks in out.tokens]
     rows = [(q, s) for q in batch_qs for s in range(g)]
     scores = scorer.score(texts, [q.example.ground_truth for q, _ in rows],
                           [q.example.reward for q, _ in rows])
@@ -709,10 +446,20 @@ def _batch_records(tokenizer: Any, suite: str, batch: int, batch_qs: Sequence[Qu
             in zip(rows, texts, scores, out.lengths, out.stopped)]
 
 
+def _expected_rows(questions: Mapping[str, list[Question]], plans: Mapping,
+                   settings: EvalSettings) -> dict[tuple[str, int], set[tuple[int, int]]]:
+    """The (question, sample) pairs each planned batch holds when finished."""
+    return {(suite, b): {(questions[suite][i].qid, s) for i in positions
+                         for s in range(settings.samples_for(suite))}
+            for suite, plan in plans.items() for b, positions in enumerate(plan)}
+
+
 def _fingerprint(config: Any, settings: EvalSettings, questions: Mapping[str, list[Question]],
-                 prompt_ids: Mapping[str, list[list[int]]], plans: Mapping) -> dict:
-    """What must match for a resume: settings, model architecture, prompts and batch plans. The
-    weights themselves are not hashed (too slow); a new checkpoint needs a new output_dir."""
+                 prompt_ids: Mapping[str, list[list[int]]], plans: Mapping,
+                 stops: Sequence[int]) -> dict:
+    """What must match for a resume: settings, model architecture, prompts, batch plans and stop
+    ids. The weights themselves are not hashed (too slow); a new checkpoint needs a new
+    output_dir."""
     settings_d = settings.to_dict()
     settings_d.pop("reward_workers")  # does not change any result
     model = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
@@ -724,35 +471,7 @@ def _fingerprint(config: Any, settings: EvalSettings, questions: Mapping[str, li
         suites[suite] = {"questions": len(qs), "batches": len(plans[suite]),
                          "samples": settings.samples_for(suite), "sha256": h.hexdigest()}
     return {"settings": settings_d, "model": json.loads(json.dumps(model, default=str)),
-            "suites": suites}
-
-
-def _resume(path: str, questions: Mapping[str, list[Question]], plans: Mapping,
-            settings: EvalSettings) -> tuple[list[dict], set[tuple[str, int]]]:
-    """Records of the batches an earlier run finished, and their (suite, batch) keys. A batch
-    with missing rows (a torn write) is dropped and the file rewritten without it."""
-    if not os.path.exists(path):
-        return [], set()
-    old, torn = _read_records(path)
-    by_batch: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
-    for r in old:
-        by_batch[(r.get("suite"), r.get("batch"))].append(r)
-    kept, finished = [], set()
-    for (suite, b), rows in by_batch.items():
-        if suite not in plans or not isinstance(b, int) or not 0 <= b < len(plans[suite]):
-            continue
-        g = settings.samples_for(suite)
-        expect = {(questions[suite][i].qid, s) for i in plans[suite][b] for s in range(g)}
-        if {(r["question"], r["sample"]) for r in rows} == expect and len(rows) == len(expect):
-            kept.extend(rows)
-            finished.add((suite, b))
-    if torn or len(kept) != len(old):
-        # Rewrite, or the next append would continue the torn line.
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-        os.replace(tmp, path)
-    return kept, finished
+            "stop_ids": list(stops), "suites": suites}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -831,14 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_benchmark_names(names)  # before loading or compiling anything
     model_dir, default_out = resolve_checkpoint(args.checkpoint)
     output_dir = args.output_dir or default_out
-
-    repo_gin = os.path.join(os.path.dirname(BENCHMARK_DIR), os.pardir, "gin")
-    with gin.unlock_config():
-        gin.clear_config()  # in-process reruns (tests) must not inherit earlier bindings
-        for search in (os.getcwd(), os.path.abspath(repo_gin)):
-            gin.add_config_file_search_path(search)
-        gin.parse_config_files_and_bindings(args.gin_file, bindings, finalize_config=False)
-    settings = _gin_settings()
+    settings = _gin_settings(args.gin_file, bindings)
     overrides = {k: getattr(args, k) for k in ("max_new_tokens", "limit", "batch_size",
                                                "temperature", "seed", "samples")
                  if getattr(args, k) is not None}
@@ -850,9 +562,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config, params = hf.load_checkpoint(model_dir, dtype=getattr(jnp, args.dtype))
     tokenizer = hf.load_tokenizer(model_dir)
+    stops = rollout_policy.stop_ids(tokenizer, model_dir)
     print(f"evaluating {model_dir} on {', '.join(names)} -> {output_dir}", file=sys.stderr)
-    result = evaluate(config, params, tokenizer, names, settings, output_dir=output_dir,
-                      progress=not args.no_progress)
+    result = evaluate(config, params, tokenizer, names, settings, stop_ids=stops,
+                      output_dir=output_dir, progress=not args.no_progress)
     t = result.summary["timing"]
     print(result.table_md)
     tps = "-" if t["tokens_per_s"] is None else f"{t['tokens_per_s']:.0f}"
@@ -861,14 +574,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _gin_settings() -> EvalSettings:
-    """EvalSettings with the gin bindings applied (the registered wrapper lives in the package
-    module, which is this one unless run as __main__)."""
-    configurable = gin.get_configurable("relift_jax.evaluate.EvalSettings")
-    return configurable()
+# ----- gin: the CLI's own parser, kept in this one function (to be replaced by main.py's) -----
+
+
+def _gin_settings(gin_files: Sequence[str], bindings: Sequence[str]) -> EvalSettings:
+    """EvalSettings from gin files and `NAME.PARAM=VALUE` bindings (search paths: the working
+    directory, then the repository's gin/). The only place the evaluation touches gin: the
+    library takes plain EvalSettings. Leaves no bindings behind for a later in-process caller."""
+    import gin
+
+    configurable = _gin_eval_settings()
+    repo_gin = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "gin")
+    with gin.unlock_config():
+        gin.clear_config()  # in-process reruns (tests) must not inherit earlier bindings
+        for search in (os.getcwd(), os.path.abspath(repo_gin)):
+            gin.add_config_file_search_path(search)
+        try:
+            gin.parse_config_files_and_bindings(list(gin_files), list(bindings),
+                                                finalize_config=False)
+            return configurable()
+        finally:
+            gin.clear_config()
+
+
+def _gin_eval_settings():
+    """Gin's wrapper of EvalSettings. gin accepts a name once per process, so where
+    relift_jax.main registers the configurables itself (its `_register`), it does it here too."""
+    import gin
+
+    name = "relift_jax.evaluate.EvalSettings"
+    try:
+        return gin.get_configurable(name)
+    except (KeyError, ValueError):
+        pass
+    from relift_jax import main as entry
+
+    register = getattr(entry, "_register", None)
+    if register is not None:
+        register()
+        return gin.get_configurable(name)
+    return gin.external_configurable(EvalSettings, name="EvalSettings",
+                                     module="relift_jax.evaluate")
 
 
 if __name__ == "__main__":
-    from relift_jax.evaluate import main as _main  # the package module: see the gin note above
+    # Run the package module's main, not this __main__ copy, so that one EvalSettings class (the
+    # one gin registers) is in play.
+    from relift_jax.evaluate import main as _main
 
     sys.exit(_main())

@@ -18,16 +18,16 @@ import types
 import numpy as np
 import pytest
 
-from relift_jax import data, evaluate as ev
+from hf_fixtures import CHATML_TEMPLATE, make_byte_tokenizer, make_qwen25_style_folder
+from relift_jax import benchmarks as bm
+from relift_jax import data
+from relift_jax import evaluate as ev
+from relift_jax import records as rec
 from relift_jax.data import Example
 
 SHARED = os.environ.get("RELIFT_SHARED_DATA", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"))
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,22 +37,12 @@ CHAT_TEMPLATE = (
 
 def _make_tokenizer():
     """Byte-level BPE without merges: every byte is one token (so ASCII text is character-level
-    and nothing is ever unknown), plus the Qwen special tokens. Byte-level because transformers 5
-    loads a folder whose config.json says qwen2 as Qwen2Tokenizer, which imposes the byte-level
-    pre-tokenizer and decoder; a plain character vocabulary would lose its spaces there."""
-    import transformers
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        clean_up_tokenization_spaces=False)
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    and nothing is ever unknown), plus the Qwen special tokens, "</think>" among them. Byte-level
+    because transformers 5 loads a folder whose config.json says qwen2 as Qwen2Tokenizer, which
+    imposes the byte-level pre-tokenizer and decoder; a plain character vocabulary would lose its
+    spaces there."""
+    return make_byte_tokenizer(SPECIALS, eos="<|im_end|>", pad="<|endoftext|>",
+                               chat_template=CHATML_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +82,16 @@ EXPECTED_QUESTIONS = {"aime24": 30, "aime25": 30, "amc": 83, "math500": 500, "mi
 
 
 def test_registry_defaults():
-    assert list(ev.BENCHMARKS) == list(EXPECTED_QUESTIONS)
+    assert list(bm.BENCHMARKS) == list(EXPECTED_QUESTIONS)
     settings = ev.EvalSettings()
-    assert {n: settings.samples_for(n) for n in ev.BENCHMARKS} == {
+    assert {n: settings.samples_for(n) for n in bm.BENCHMARKS} == {
         "aime24": 32, "aime25": 32, "amc": 32, "math500": 1, "minerva": 1, "olympiad": 1,
         "arc_c": 1, "gpqa": 1, "gsm8k": 1}
     assert settings.samples_for("heldout") == 1
-    assert {n: b.reward for n, b in ev.BENCHMARKS.items()} == {
-        **{n: "math" for n in ev.BENCHMARKS}, "arc_c": "choice", "gpqa": "choice"}
-    assert set(ev.MATH_BENCHMARKS) == {"aime24", "aime25", "amc", "math500", "minerva", "olympiad"}
-    assert set(ev.OOD_BENCHMARKS) == {"arc_c", "gpqa"}
+    assert {n: b.reward for n, b in bm.BENCHMARKS.items()} == {
+        **{n: "math" for n in bm.BENCHMARKS}, "arc_c": "choice", "gpqa": "choice"}
+    assert set(bm.MATH_BENCHMARKS) == {"aime24", "aime25", "amc", "math500", "minerva", "olympiad"}
+    assert set(bm.OOD_BENCHMARKS) == {"arc_c", "gpqa"}
     # Overrides: an int for every suite, a mapping for some.
     assert ev.EvalSettings(samples=4).samples_for("aime24") == 4
     s = ev.EvalSettings(samples={"aime24": 8})
@@ -109,15 +99,15 @@ def test_registry_defaults():
 
 
 def test_grouping_counts_on_packaged_data():
-    suites = ev.resolve_suites(list(ev.BENCHMARKS))
+    suites = bm.resolve_suites(list(bm.BENCHMARKS))
     assert {n: len(qs) for n, qs in suites.items()} == EXPECTED_QUESTIONS
     for name, qs in suites.items():
         repeats = {q.repeats for q in qs}
         assert repeats == ({32} if name in ("aime24", "aime25", "amc") else {1}), name
         assert [q.qid for q in qs] == list(range(len(qs)))
-        assert {q.example.reward for q in qs} == {ev.BENCHMARKS[name].reward}
+        assert {q.example.reward for q in qs} == {bm.BENCHMARKS[name].reward}
     # limit keeps the first questions in file order.
-    limited = ev.resolve_suites(["aime24", "gsm8k"], limit=3)
+    limited = bm.resolve_suites(["aime24", "gsm8k"], limit=3)
     assert [q.example for q in limited["aime24"]] == [q.example for q in suites["aime24"][:3]]
     assert len(limited["gsm8k"]) == 3
 
@@ -135,7 +125,7 @@ def test_grouping_against_independent_pandas_count():
     assert unique == {"aime": 30, "aime25": 30, "amc": 83, "math": 500, "minerva": 272,
                       "olympiad_bench": 675}
     for name, source in (("aime24", "aime"), ("amc", "amc"), ("olympiad", "olympiad_bench")):
-        qs = ev.resolve_suites([name])[name]
+        qs = bm.resolve_suites([name])[name]
         assert len(qs) == unique[source]
         assert sum(q.repeats for q in qs) == int((df.data_source == source).sum())
 
@@ -148,16 +138,16 @@ def test_packaged_files_equal_shared_data():
     if not os.path.exists(SHARED):
         pytest.skip(f"{SHARED} not present")
     for shared, packaged in pairs:
-        with open(f"{SHARED}/{shared}", "rb") as a, open(ev.benchmark_path(packaged), "rb") as b:
+        with open(f"{SHARED}/{shared}", "rb") as a, open(bm.benchmark_path(packaged), "rb") as b:
             assert hashlib.sha256(a.read()).digest() == hashlib.sha256(b.read()).digest(), shared
 
 
 def test_gsm8k_matches_data_converter(tmp_path):
     # data.convert_gsm8k is an independent implementation of the same conversion.
     dst = tmp_path / "gsm8k.jsonl"
-    data.convert_gsm8k(ev.benchmark_path("gsm8k_test.jsonl"), str(dst))
+    data.convert_gsm8k(bm.benchmark_path("gsm8k_test.jsonl"), str(dst))
     converted = data.load_examples(str(dst))
-    ours = ev.load_benchmark("gsm8k")
+    ours = bm.load_benchmark("gsm8k")
     assert len(ours) == len(converted) == 1319
     for a, b in zip(ours, converted):
         assert (a.messages, a.ground_truth, a.reward) == (b.messages, b.ground_truth, b.reward)
@@ -167,7 +157,7 @@ def test_gsm8k_matches_data_converter(tmp_path):
 
 def test_unknown_benchmark_fails_before_loading_anything():
     with pytest.raises(ValueError, match=r"unknown benchmark.*'aime42'.*valid names: aime24"):
-        ev.resolve_suites(["aime24", "aime42"])
+        bm.resolve_suites(["aime24", "aime42"])
     # The CLI checks names before it looks at the (missing) checkpoint.
     with pytest.raises(ValueError, match="aime42"):
         ev.main(["--checkpoint=/nonexistent", "--benchmarks=aime24,aime42"])
@@ -215,11 +205,11 @@ def test_pass_at_k_aggregation_matches_closed_form():
 
 def test_plan_batches_sorted_by_length():
     lens = [50, 10, 30, 10, 40]
-    assert ev.plan_batches(lens, samples=2, batch_size=4) == [[1, 3], [2, 4], [0]]
-    assert ev.plan_batches(lens, samples=32, batch_size=64) == [[1, 3], [2, 4], [0]]
-    assert ev.plan_batches(lens, samples=64, batch_size=16) == [[1], [3], [2], [4], [0]]
-    assert ev.batch_seed(0, "aime24", 3) == ev.batch_seed(0, "aime24", 3)
-    assert len({ev.batch_seed(s, n, b) for s in (0, 1) for n in ("a", "b") for b in (0, 1)}) == 8
+    assert rec.plan_batches(lens, samples=2, batch_size=4) == [[1, 3], [2, 4], [0]]
+    assert rec.plan_batches(lens, samples=32, batch_size=64) == [[1, 3], [2, 4], [0]]
+    assert rec.plan_batches(lens, samples=64, batch_size=16) == [[1], [3], [2], [4], [0]]
+    assert rec.batch_seed(0, "aime24", 3) == rec.batch_seed(0, "aime24", 3)
+    assert len({rec.batch_seed(s, n, b) for s in (0, 1) for n in ("a", "b") for b in (0, 1)}) == 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +284,7 @@ def _grading_suites() -> dict[str, list[Example]]:
     """For each benchmark, the first question with each ground truth of GRADING_TABLE."""
     suites = {}
     for name, rows in GRADING_TABLE.items():
-        questions = ev.resolve_suites([name])[name]
+        questions = bm.resolve_suites([name])[name]
         picked = []
         for truth, _, _ in rows:
             match = [q.example for q in questions if q.example.ground_truth == truth]
@@ -326,7 +316,7 @@ def test_grading_table_of_real_ground_truths_through_evaluate(tokenizer):
         assert r["response"] == texts[(r["suite"], r["ground_truth"])][r["sample"]]
         assert r["score"] == (1.0 if r["sample"] == 0 else 0.0), (r["suite"], r["ground_truth"],
                                                                   r["response"])
-        assert r["reward"] == ev.BENCHMARKS[r["suite"]].reward
+        assert r["reward"] == bm.BENCHMARKS[r["suite"]].reward
     for name, rows in GRADING_TABLE.items():
         m = result.summary["suites"][name]
         assert m["questions"] == len(rows)
@@ -415,10 +405,10 @@ def test_resume_equals_uninterrupted_run(tokenizer, tmp_path):
         with pytest.raises(KeyboardInterrupt):
             ev.evaluate(None, None, tokenizer, suites, settings, scorer=scorer, output_dir=out,
                         generate_fn=FakeGenerate(tokenizer, answer, fail_after=2), **run)
-        with open(os.path.join(out, ev.RESPONSES_FILE)) as f:
+        with open(os.path.join(out, rec.RESPONSES_FILE)) as f:
             lines = f.readlines()
         assert len(lines) == 2 * 2 * 2  # two whole batches of 2 questions x 2 samples
-        with open(os.path.join(out, ev.RESPONSES_FILE), "a") as f:
+        with open(os.path.join(out, rec.RESPONSES_FILE), "a") as f:
             f.write('{"suite": "heldout", "batch": 2, "quest')  # torn write of a crash
 
         fake = FakeGenerate(tokenizer, answer)
@@ -432,15 +422,15 @@ def test_resume_equals_uninterrupted_run(tokenizer, tmp_path):
         assert resumed.table_md == full.table_md
         assert resumed.records == full.records
         assert resumed.per_question == full.per_question
-        for name in (ev.SUMMARY_JSON, ev.SUMMARY_MD, ev.RESPONSES_FILE):
+        for name in (rec.SUMMARY_JSON, rec.SUMMARY_MD, rec.RESPONSES_FILE):
             assert os.path.exists(os.path.join(out, name))
-        with open(os.path.join(out, ev.SUMMARY_JSON)) as f:
+        with open(os.path.join(out, rec.SUMMARY_JSON)) as f:
             on_disk = json.load(f)
-        with open(tmp_path / "full" / ev.SUMMARY_JSON) as f:
+        with open(tmp_path / "full" / rec.SUMMARY_JSON) as f:
             assert _strip_timing(on_disk) == _strip_timing(json.load(f))
-        with open(os.path.join(out, ev.RESPONSES_FILE)) as f:
+        with open(os.path.join(out, rec.RESPONSES_FILE)) as f:
             resumed_lines = sorted(f.readlines())
-        with open(tmp_path / "full" / ev.RESPONSES_FILE) as f:
+        with open(tmp_path / "full" / rec.RESPONSES_FILE) as f:
             assert resumed_lines == sorted(f.readlines())
 
         # A finished run resumes completely; a different evaluation is refused, not mixed in.
@@ -451,6 +441,65 @@ def test_resume_equals_uninterrupted_run(tokenizer, tmp_path):
         with pytest.raises(ValueError, match="settings.temperature: 0.6 -> 0.7"):
             ev.evaluate(None, None, tokenizer, suites, dataclasses.replace(settings,
                         temperature=0.7), scorer=scorer, output_dir=out, generate_fn=again, **run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping: a Qwen2.5-style folder (EOS <|endoftext|>) whose model always says <|im_end|>
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def im_end_folder(tmp_path_factory):
+    """(folder, config, params, tokenizer) of a model that emits <|im_end|> at every position."""
+    from relift_jax import hf
+
+    path = make_qwen25_style_folder(tmp_path_factory.mktemp("qwen25") / "hf",
+                                    always_emit="<|im_end|>")
+    config, params = hf.load_checkpoint(path)
+    return path, config, params, hf.load_tokenizer(path)
+
+
+def test_evaluate_stops_at_the_chat_end_of_turn(im_end_folder):
+    from relift_jax import rollout_policy
+    from relift_jax.reward import RewardScorer
+
+    path, config, params, tok = im_end_folder
+    eos, im_end = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    assert tok.eos_token_id == eos
+    suites = {"heldout": _synthetic_suites()["heldout"][:3]}
+    settings = ev.EvalSettings(samples=2, max_new_tokens=5, temperature=1.0, batch_size=8,
+                               pass_k=(1,), require_think_close=False)
+    run = dict(progress=False)
+    with RewardScorer(num_workers=0, require_think_close=False) as scorer:
+        by_default = ev.evaluate(config, params, tok, suites, settings, scorer=scorer, **run)
+        from_folder = ev.evaluate(config, params, tok, suites, settings, scorer=scorer,
+                                  stop_ids=rollout_policy.stop_ids(tok, path), **run)
+        eos_only = ev.evaluate(config, params, tok, suites, settings, scorer=scorer,
+                               stop_ids=(eos,), **run)
+    for result in (by_default, from_folder):
+        assert len(result.records) == 6
+        for r in result.records:
+            assert (r["length"], r["truncated"], r["response"]) == (1, False, "")
+        assert result.summary["suites"]["heldout"]["truncated_frac"] == 0.0
+    # What RL rollouts did before the shared policy: EOS only, so they ran past <|im_end|>.
+    for r in eos_only.records:
+        assert (r["length"], r["truncated"], r["response"]) == (5, True, "<|im_end|>" * 5)
+
+
+def test_cli_uses_the_model_folders_stop_ids(im_end_folder, tmp_path, capsys):
+    path = im_end_folder[0]
+    out = str(tmp_path / "eval")
+    assert ev.main([f"--checkpoint={path}", "--benchmarks=gsm8k", "--limit=2", "--samples=2",
+                    "--max_new_tokens=4", f"--output_dir={out}", "--dtype=float32",
+                    "--gin.EvalSettings.reward_workers=0", "--no_progress"]) == 0
+    capsys.readouterr()
+    with open(os.path.join(out, rec.RESPONSES_FILE)) as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == 4
+    assert all((r["length"], r["truncated"], r["response"]) == (1, False, "") for r in records)
+    with open(os.path.join(out, rec.FINGERPRINT_FILE)) as f:
+        assert json.load(f)["stop_ids"] == [im_end_folder[3].eos_token_id,
+                                            im_end_folder[3].convert_tokens_to_ids("<|im_end|>")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,13 +531,7 @@ def test_cli_end_to_end_every_benchmark(checkpoint, tmp_path, capsys):
             f"--output_dir={out}", "--dtype=float32", f"--gin_file={gin_file}",
             "--temperature=1.0", "--gin.EvalSettings.reward_workers=1",
             "--gin.EvalSettings.max_prompt_len=4096", "--no_progress"]
-    try:
-        _run_cli_and_check(argv, out, capsys)
-    finally:
-        import gin
-
-        with gin.unlock_config():
-            gin.clear_config()  # leave no EvalSettings bindings to later tests in this process
+    _run_cli_and_check(argv, out, capsys)
 
 
 def _run_cli_and_check(argv, out, capsys):
@@ -501,7 +544,7 @@ def _run_cli_and_check(argv, out, capsys):
     # Flags override gin, gin overrides the defaults.
     assert (summary["settings"]["temperature"], summary["settings"]["top_k"]) == (1.0, 20)
     assert summary["settings"]["max_new_tokens"] == 8
-    assert list(summary["suites"]) == list(ev.BENCHMARKS)
+    assert list(summary["suites"]) == list(bm.BENCHMARKS)
     for name, m in summary["suites"].items():
         assert (m["questions"], m["samples"], m["dropped"]) == (2, 2, 0), name
         assert 0.0 <= m["accuracy"] <= 1.0 and 1 <= m["mean_length"] <= 8
@@ -536,17 +579,13 @@ GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_gin_eval_files_parse():
     import gin
 
-    try:
-        with gin.unlock_config():
-            gin.clear_config()
-            gin.add_config_file_search_path(GIN_DIR)
-            gin.parse_config_files_and_bindings([os.path.join(GIN_DIR, "eval", "smoke.gin")], [],
-                                                finalize_config=False)
-        smoke = ev._gin_settings()
-    finally:
-        with gin.unlock_config():
-            gin.clear_config()
-    assert smoke == dataclasses.replace(ev.EvalSettings(), limit=8, samples=4, max_new_tokens=1024)
+    smoke = ev._gin_settings([os.path.join(GIN_DIR, "eval", "smoke.gin")],
+                             ["EvalSettings.seed = 3"])
+    assert smoke == dataclasses.replace(ev.EvalSettings(), limit=8, samples=4, max_new_tokens=1024,
+                                        seed=3)
+    # Found through the search path too; and no binding outlives the call.
+    assert ev._gin_settings(["eval/smoke.gin"], []).limit == 8
+    assert gin.config_str() == ""
 
 
 def test_module_entry_point_rejects_unknown_benchmark():
