@@ -1,28 +1,32 @@
-"""Small validated configs: the only classes gin configures.
+"""Small validated configs: plain frozen dataclasses, the only things a user configures.
 
-Library functions take these (or plain arguments); gin binds their fields at the edge
-(`RLConfig.learning_rate = 1e-6` in a .gin file). Every error names the field, the value and the rule.
+Library functions take these (or plain arguments). Gin binds their fields at the edge only:
+`relift_jax.main` registers these classes with gin, parses `RLConfig.learning_rate = 1e-6` from a
+.gin file and constructs them; nothing in the library reads gin. Every error names the field, the
+value and the rule.
 """
 from __future__ import annotations
 
 import dataclasses
 
-import gin
-
-from relift_jax.losses import AGG_MODES, KL_KINDS
+from relift_jax.losses import AGG_MODES, K3_AMBIGUOUS, KL_KINDS, SEQ_NORM_DENOMINATORS
 from relift_jax.sharding import MeshConfig
 
-MODES = ("relift", "rl", "sft", "sft_then_rl", "rl_with_sft_loss", "relift_uniform")
+class ConfigError(ValueError):
+    """The user's configuration is wrong: a one-line message naming the binding and the rule.
 
-gin.external_configurable(MeshConfig, module="relift_jax")
+    `python -m relift_jax.main` prints it without a traceback and exits with status 2.
+    """
+
+
+MODES = ("relift", "rl", "sft", "sft_then_rl", "rl_with_sft_loss", "relift_uniform")
 
 
 def _check(cond: bool, cls: str, field: str, value, rule: str) -> None:
     if not cond:
-        raise ValueError(f"{cls}.{field} = {value!r}: {rule}")
+        raise ConfigError(f"{cls}.{field} = {value!r}: {rule}")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with global-norm clipping and a schedule (constant, linear or cosine after warmup)."""
@@ -54,7 +58,6 @@ def _optim(cfg) -> OptimConfig:
                        grad_clip=cfg.grad_clip, warmup_steps=cfg.warmup_steps)
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
     """How questions are turned into prompts and sampled (official defaults at 7B scale in comments)."""
@@ -78,7 +81,6 @@ class RolloutConfig:
         _check(self.max_response_len > 0, n, "max_response_len", self.max_response_len, "must be > 0")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
     """Policy-gradient step. Defaults are the official ReLIFT (Dr.GRPO-style) ones, except the loss
@@ -109,8 +111,6 @@ class RLConfig:
     def __post_init__(self):
         n = type(self).__name__
         _check(self.agg in AGG_MODES, n, "agg", self.agg, f"must be one of {AGG_MODES}")
-        # Imported here so that this edit stays inside RLConfig; move it to the top-level import.
-        from relift_jax.losses import K3_AMBIGUOUS, SEQ_NORM_DENOMINATORS
         _check(self.kl_kind != "k3", n, "kl_kind", self.kl_kind, K3_AMBIGUOUS)
         _check(self.kl_kind in KL_KINDS, n, "kl_kind", self.kl_kind, f"must be one of {KL_KINDS}")
         _check(self.seq_norm_denominator in SEQ_NORM_DENOMINATORS, n, "seq_norm_denominator",
@@ -129,7 +129,6 @@ class RLConfig:
         return _optim(self)
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
     """The demonstration buffer and the SFT step (its own AdamW by default, as in the official code)."""
@@ -165,7 +164,6 @@ class SFTConfig:
         return _optim(self)
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The run: which controller mode, how long, and when to evaluate, save and log."""
@@ -198,12 +196,11 @@ class TrainConfig:
         _check(self.eval_every >= 0, n, "eval_every", self.eval_every, "must be >= 0")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelLoadConfig:
     """Which Hugging Face folder to start from and in which numerics to train it."""
 
-    path: str | None = gin.REQUIRED     # None: random init from `random_init` (toy models)
+    path: str | None = None            # None: random init from `random_init` (toy models)
     tokenizer_path: str | None = None  # None: the model folder
     random_init: dict | None = None    # ModelConfig fields, e.g. {"hidden_size": 256, ...}
     # When `path` does not exist: build it first by running this gin file into build_run_dir
@@ -221,12 +218,31 @@ class ModelLoadConfig:
                self.path, "give a Hugging Face folder, or random_init and tokenizer_path")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Training and held-out data files (ReLIFT/LUFFY parquet or jsonl, or the plain schema)."""
 
-    train: str = gin.REQUIRED
+    train: str | None = None  # required
     heldout: str | None = None
     heldout_fraction: float = 0.0  # without a held-out file: this fraction of train, split off
     shuffle: bool = True
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.train is not None, n, "train", self.train,
+               "required: a parquet/jsonl file, a datasets folder or a toy:... spec")
+        _check(0.0 <= self.heldout_fraction < 1.0, n, "heldout_fraction", self.heldout_fraction,
+               "must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run reads: what `train.run(run_dir, configs)` takes."""
+
+    model: ModelLoadConfig
+    data: DataConfig
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)

@@ -10,6 +10,8 @@ One controller runs every method of the paper as a mode:
   relift_uniform    RL, plus an SFT step every k iterations on M random demonstrations (ablation).
 
 The device only sees the two jitted steps and the sampler; everything here is numpy on the host.
+Step metrics stay on the device (the caller fetches them one iteration late, so the device never
+waits for a scalar); host metrics (rewards, buffer, token counts) are plain floats.
 The controller's own state (iteration, data cursors, buffer, counters) is a JSON dict for checkpoints.
 """
 from __future__ import annotations
@@ -18,12 +20,14 @@ import dataclasses
 import time
 from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from relift_jax import losses
+from relift_jax.batches import Packing, attach_sft, pack_rl_batch, pack_sft_batch, with_ref_logprobs
 from relift_jax.config import RLConfig, RolloutConfig, SFTConfig, TrainConfig
 from relift_jax.data import DataCursor
-from relift_jax.train_step import Packing, attach_sft, pack_rl_batch, pack_sft_batch
 
 
 @dataclasses.dataclass
@@ -76,7 +80,8 @@ class Controller:
 
     Args:
       questions: the training set, tokenised.
-      rl_step / sft_step: (state, batch) -> (state, metrics), host batches in, device metrics out.
+      rl_step / sft_step: (state, batch) -> (state, metrics), host batches in (batches.RLBatch /
+        SFTBatch), device metrics out.
       sample_fn: (params, prompt_ids list, num_samples, seed) -> Rollouts.
       score_fn: (response ids list, ground truths, reward names) -> float rewards.
       ref_logprobs_fn: batch -> token-aligned reference log-probs (only when RL uses a KL penalty).
@@ -165,7 +170,7 @@ class Controller:
         qs = [self.q[i] for i in ids]
 
         t0 = time.perf_counter()
-        ro = self.sample_fn(state["params"], [q.prompt_ids for q in qs], G,
+        ro = self.sample_fn(state.params, [q.prompt_ids for q in qs], G,
                             iteration_seed(self.train.seed, self.iteration))
         timing["sample"] = time.perf_counter() - t0
         n_tokens = sum(len(t) for t in ro.tokens)
@@ -211,7 +216,7 @@ class Controller:
                     self.demos_used.update(demo_qs)
                     sft_batch = self._sft_batch(demo_qs)
             n_mini = min(self.rl.num_mini_batches, len(rows))
-            rl_metrics = []
+            rl_metrics, n_tok, n_seq = [], 0.0, 0.0
             for chunk in np.array_split(np.asarray(rows), n_mini):
                 batch = pack_rl_batch([qs[r // G].prompt_ids for r in chunk],
                                       [ro.tokens[r] for r in chunk],
@@ -219,12 +224,16 @@ class Controller:
                 if sft_batch is not None:
                     batch = attach_sft(batch, sft_batch)
                 if self.ref_logprobs_fn is not None:
-                    batch["ref_logprobs"] = self.ref_logprobs_fn(batch)
+                    batch = with_ref_logprobs(batch, self.ref_logprobs_fn(batch))
                 state, m = self.rl_step(state, batch)
                 rl_metrics.append(m)
+                n_tok, n_seq = n_tok + float(batch.num_tokens), n_seq + float(batch.num_seqs)
                 self.counters["rl_updates"] += 1
-            for k in rl_metrics[0]:
-                metrics[f"rl/{k}"] = float(np.mean([float(m[k]) for m in rl_metrics]))
+            metrics.update(_mean_on_device(rl_metrics, "rl/"))
+            metrics.update({"rl/num_tokens": n_tok, "rl/num_seqs": n_seq})
+            # For the timing only: the next sampling needs these parameters anyway, so waiting here
+            # costs nothing (the step's scalars are still fetched one iteration late).
+            jax.block_until_ready(state)
         timing["rl"] = time.perf_counter() - t0
         metrics["perf/train_tokens_per_s"] = (
             sum(len(qs[r // G].prompt_ids) + len(ro.tokens[r]) for r in rows)
@@ -235,7 +244,7 @@ class Controller:
         metrics["buffer/hardest_in_batch"] = len(hardest)
         return state, hardest
 
-    def _sft_batch(self, ids: list[int]) -> dict:
+    def _sft_batch(self, ids: list[int]):
         return pack_sft_batch([self.q[i].prompt_ids for i in ids],
                               [self.q[i].demo_ids for i in ids],
                               dataclasses.replace(self.packing,
@@ -248,12 +257,21 @@ class Controller:
         batch = self._sft_batch(ids)
         ms = []
         for _ in range(self.sft.steps_per_trigger):
-            state, m = self.sft_step(state, dict(batch))
+            state, m = self.sft_step(state, batch)
             ms.append(m)
             self.counters["sft_updates"] += 1
         self.counters["sft_fired"] += 1
         self.demos_used.update(ids)
-        for k in ms[0]:
-            metrics[f"sft/{k}"] = float(np.mean([float(m[k]) for m in ms]))
+        metrics.update(_mean_on_device(ms, "sft/"))
+        jax.block_until_ready(state)  # timing only, as in the RL phase
+        metrics["sft/num_tokens"] = float(batch.num_tokens)
+        metrics["sft/num_seqs"] = float(len(ids))
         timing["sft"] = time.perf_counter() - t0
         return state, 1
+
+
+def _mean_on_device(step_metrics: list[dict], prefix: str) -> dict:
+    """Per-step device metrics -> their mean over the steps, still on the device (no host wait)."""
+    return {f"{prefix}{k}": jnp.mean(jnp.stack([jnp.asarray(m[k], jnp.float32)
+                                                 for m in step_metrics]))
+            for k in step_metrics[0]}

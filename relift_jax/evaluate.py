@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from relift_jax import data, rollout_policy
+from relift_jax.config import ConfigError
 from relift_jax.benchmarks import (BENCHMARKS, MATH_BENCHMARKS, OOD_BENCHMARKS, Question,
                                    check_benchmark_names, resolve_suites)
 from relift_jax.data import Example
@@ -550,7 +551,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_benchmark_names(names)  # before loading or compiling anything
     model_dir, default_out = resolve_checkpoint(args.checkpoint)
     output_dir = args.output_dir or default_out
-    settings = _gin_settings(args.gin_file, bindings)
+    try:
+        settings = _gin_settings(args.gin_file, bindings)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     overrides = {k: getattr(args, k) for k in ("max_new_tokens", "limit", "batch_size",
                                                "temperature", "seed", "samples")
                  if getattr(args, k) is not None}
@@ -574,47 +579,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# ----- gin: the CLI's own parser, kept in this one function (to be replaced by main.py's) -----
-
-
 def _gin_settings(gin_files: Sequence[str], bindings: Sequence[str]) -> EvalSettings:
-    """EvalSettings from gin files and `NAME.PARAM=VALUE` bindings (search paths: the working
-    directory, then the repository's gin/). The only place the evaluation touches gin: the
-    library takes plain EvalSettings. Leaves no bindings behind for a later in-process caller."""
-    import gin
-
-    configurable = _gin_eval_settings()
-    repo_gin = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "gin")
-    with gin.unlock_config():
-        gin.clear_config()  # in-process reruns (tests) must not inherit earlier bindings
-        for search in (os.getcwd(), os.path.abspath(repo_gin)):
-            gin.add_config_file_search_path(search)
-        try:
-            gin.parse_config_files_and_bindings(list(gin_files), list(bindings),
-                                                finalize_config=False)
-            return configurable()
-        finally:
-            gin.clear_config()
-
-
-def _gin_eval_settings():
-    """Gin's wrapper of EvalSettings. gin accepts a name once per process, so where
-    relift_jax.main registers the configurables itself (its `_register`), it does it here too."""
-    import gin
-
-    name = "relift_jax.evaluate.EvalSettings"
-    try:
-        return gin.get_configurable(name)
-    except (KeyError, ValueError):
-        pass
+    """EvalSettings from gin files and `NAME.PARAM=VALUE` bindings, through main.py's parser (the
+    one place that reads gin); leaves no bindings behind for a later in-process caller."""
     from relift_jax import main as entry
-
-    register = getattr(entry, "_register", None)
-    if register is not None:
-        register()
-        return gin.get_configurable(name)
-    return gin.external_configurable(EvalSettings, name="EvalSettings",
-                                     module="relift_jax.evaluate")
+    return entry.configured_from(EvalSettings, gin_files, bindings)
 
 
 if __name__ == "__main__":

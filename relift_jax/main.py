@@ -1,18 +1,149 @@
 """Entry point: `python -m relift_jax.main --gin_file=A.gin [--gin_file=B.gin] [--gin.NAME=VALUE ...]
 [--gin_search_paths=DIR,DIR] [--run_dir=PATH]`.
 
-t5x-style: gin files are repeatable, `--gin.X=Y` flags become bindings applied after the files,
-`--run_dir` binds the `RUN_DIR` macro. Unknown or misspelled bindings fail here, before any work.
+The only place (with the evaluate CLI, which calls `parse_gin` here) that reads gin. t5x-style: gin
+files are repeatable, `--gin.X=Y` flags become bindings applied after the files, `--run_dir` binds the
+`RUN_DIR` macro. Gin builds the plain config dataclasses of `relift_jax.config` once; the library
+(`train.run(run_dir, configs)`) never sees gin. A configuration error (unknown binding, failed
+validation, missing model folder) prints one line and exits with status 2, before any work.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 import gin
+
+from relift_jax.config import (ConfigError, DataConfig, ModelLoadConfig, RLConfig, RolloutConfig,
+                               RunConfig, SFTConfig, TrainConfig)
+from relift_jax.sharding import MeshConfig
+
+
+def run(run_dir: str | None = None, stop_after: int | None = None) -> dict:
+    """The gin-visible `run` (bind `run.run_dir`, `run.stop_after`); returns its arguments.
+
+    stop_after: end this process after that many iterations (for tests of resumption).
+    """
+    return {"run_dir": run_dir, "stop_after": stop_after}
+
+
+_CONFIG_CLASSES = (MeshConfig, ModelLoadConfig, DataConfig, TrainConfig, RolloutConfig, RLConfig,
+                   SFTConfig)
+_REGISTERED: dict[Any, Any] = {}  # class or function -> its gin wrapper (gin registers a name once)
+_SEARCH_PATHS: list[str] = []
+
+
+def _register() -> None:
+    if _REGISTERED:
+        return
+    from relift_jax.evaluate import EvalSettings
+    for cls in (*_CONFIG_CLASSES, EvalSettings):
+        _REGISTERED[cls] = gin.external_configurable(cls, module=cls.__module__)
+    _REGISTERED[run] = gin.external_configurable(run, name="run", module="relift_jax.train")
+
+
+class _QuietGinSearch(logging.Filter):
+    """gin logs an ERROR for every search-path candidate it tries before the one that exists."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found:")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
+              search_paths: Sequence[str] = ()) -> None:
+    """Clears gin, then parses files and bindings; a bad binding raises ConfigError naming it."""
+    _register()
+    gin.clear_config()
+    logging.getLogger().addFilter(_QuietGinSearch())
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in [*search_paths, os.getcwd(), os.path.join(os.path.dirname(here), "gin")]:
+        if path and path not in _SEARCH_PATHS:
+            _SEARCH_PATHS.append(path)
+            gin.add_config_file_search_path(path)
+    try:
+        gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+    except (ValueError, KeyError, IOError, SyntaxError) as e:
+        raise ConfigError(f"gin configuration error: {_one_line(e)}") from None
+
+
+def configured(cls_or_fn: Any) -> Any:
+    """`cls()` with the parsed gin bindings applied; a failed validation raises ConfigError."""
+    try:
+        return _REGISTERED[cls_or_fn]()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"configuration error: {_one_line(e)}") from None
+
+
+def configured_from(cls_or_fn: Any, gin_files: Sequence[str], bindings: Sequence[str],
+                    search_paths: Sequence[str] = ()) -> Any:
+    """Parse, build one configurable, clear gin again (the evaluate CLI's EvalSettings)."""
+    try:
+        parse_gin(gin_files, bindings, search_paths)
+        return configured(cls_or_fn)
+    finally:
+        gin.clear_config()
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A parsed training job: where it goes, what it runs, and the gin text that produced it."""
+
+    run_dir: str
+    configs: RunConfig
+    operative_gin: str
+    stop_after: int | None = None
+
+
+def load_job(gin_files: Sequence[str], bindings: Sequence[str] = (), *,
+             run_dir: str | None = None, search_paths: Sequence[str] = ()) -> Job:
+    """gin files + bindings -> a Job of plain configs; gin is cleared again before returning."""
+    bindings = list(bindings) + ([f"RUN_DIR = {run_dir!r}"] if run_dir else [])
+    try:
+        parse_gin(gin_files, bindings, search_paths)
+        args = configured(run)
+        configs = RunConfig(model=configured(ModelLoadConfig), data=configured(DataConfig),
+                            train=configured(TrainConfig), rollout=configured(RolloutConfig),
+                            rl=configured(RLConfig), sft=configured(SFTConfig),
+                            mesh=configured(MeshConfig))
+        operative = gin.operative_config_str()
+    finally:
+        # The bindings belong to this job: nothing built later in this process may see them.
+        gin.clear_config()
+    if not args["run_dir"]:
+        raise ConfigError("run.run_dir: required (pass --run_dir=PATH or bind run.run_dir)")
+    return Job(args["run_dir"], configs, operative, args["stop_after"])
+
+
+def _check_model_folder(job: Job) -> None:
+    m = job.configs.model
+    if m.path is not None and not os.path.exists(m.path) and not m.build_gin:
+        raise ConfigError(f"ModelLoadConfig.path = {m.path!r}: no such folder (models load from a "
+                          f"local Hugging Face folder, never from a hub)")
+
+
+def run_job(job: Job) -> dict:
+    """Builds the base model first when the job says how (the toy recipe), then trains."""
+    from relift_jax import train
+    m = job.configs.model
+    if m.path is not None and not os.path.exists(m.path) and m.build_gin:
+        base = load_job([m.build_gin], run_dir=m.build_run_dir)
+        _check_model_folder(base)
+        print(f"{m.path} is absent: building it with --gin_file={m.build_gin}", flush=True)
+        run_job(base)
+        if not os.path.exists(m.path):
+            raise ConfigError(f"ModelLoadConfig.build_gin = {m.build_gin!r} ran but did not create "
+                              f"ModelLoadConfig.path = {m.path!r}")
+    _check_model_folder(job)
+    return train.run(job.run_dir, job.configs, stop_after=job.stop_after,
+                     operative_gin=job.operative_gin)
 
 
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
@@ -30,59 +161,24 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
         if not eq:
             p.error(f"{a!r}: a gin binding needs --gin.NAME=VALUE")
         bindings.append(f"{name} = {value}")
+    if not args.gin_file:
+        p.error("give at least one --gin_file (for example gin/toy/relift.gin)")
     args.gin_bindings = bindings
     return args
 
 
-class _QuietGinSearch(logging.Filter):
-    """gin logs an ERROR for every search-path candidate it tries before the one that exists."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Path not found:")
-
-
-def _default_search_paths() -> list[str]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return [os.getcwd(), os.path.join(os.path.dirname(here), "gin")]
-
-
-def parse_gin(args: argparse.Namespace) -> None:
-    """Registers the configurables, then parses files and bindings; errors name the binding."""
-    from relift_jax import config, evaluate, train  # noqa: F401  (registers the configurables)
-
-    logging.getLogger().addFilter(_QuietGinSearch())
-    for path in [p for p in args.gin_search_paths.split(",") if p] + _default_search_paths():
-        gin.add_config_file_search_path(path)
-    bindings = list(args.gin_bindings)
-    if args.run_dir:
-        bindings.append(f"RUN_DIR = {args.run_dir!r}")
-    try:
-        gin.parse_config_files_and_bindings(args.gin_file, bindings, finalize_config=False)
-    except (ValueError, KeyError, IOError) as e:
-        raise SystemExit(f"gin configuration error: {e}") from None
-    gin.finalize()
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_flags(sys.argv[1:] if argv is None else argv)
-    if not args.gin_file:
-        raise SystemExit("give at least one --gin_file (for example gin/toy/relift.gin)")
     if os.environ.get("RELIFT_DISTRIBUTED") == "1":  # multi-host: one process per TPU host
         import jax
         jax.distributed.initialize()
-    gin.clear_config()
-    parse_gin(args)
-    from relift_jax import train
     try:
-        return train.run()
-    except ValueError as e:
-        if "REQUIRED" in str(e) or "gin" in str(e).lower():
-            raise SystemExit(f"gin configuration error: {e}") from None
-        raise
-    finally:
-        # The bindings belong to this run: a caller that goes on in the same process (a test,
-        # a notebook) must not construct its configs with them.
-        gin.clear_config()
+        job = load_job(args.gin_file, args.gin_bindings, run_dir=args.run_dir,
+                       search_paths=[p for p in args.gin_search_paths.split(",") if p])
+        return run_job(job)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

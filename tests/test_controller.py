@@ -13,12 +13,22 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import struct
 
 from relift_jax.config import RLConfig, RolloutConfig, SFTConfig, TrainConfig
 from relift_jax.controller import Controller, Question, Rollouts
-from relift_jax.train_step import Packing
+from relift_jax.batches import Packing
 
 BASE = 20
+
+
+@struct.dataclass
+class StubState:
+    """Stands in for train_step.TrainState: counts the steps the controller dispatched."""
+
+    params: object
+    rl: int
+    sft: int
 
 
 def make_questions(n: int, with_demo=lambda q: True) -> list[Question]:
@@ -53,18 +63,18 @@ class Harness:
 
     def rl_step(self, state, batch):
         self.rl_batches.append(batch)
-        return dict(state, rl=state["rl"] + 1), {"loss": 0.5, "clip_frac": 0.0, "entropy": 1.0,
+        return state.replace(rl=state.rl + 1), {"loss": 0.5, "clip_frac": 0.0, "entropy": 1.0,
                                                 "grad_norm": 2.0, "lr": 1e-6}
 
     def sft_step(self, state, batch):
         self.sft_batches.append(batch)
-        return dict(state, sft=state["sft"] + 1), {"loss": 1.5, "nll": 1.5, "entropy": 1.0,
+        return state.replace(sft=state.sft + 1), {"loss": 1.5, "nll": 1.5, "entropy": 1.0,
                                                   "grad_norm": 3.0, "lr": 1e-6}
 
     def sft_ids(self, i: int) -> list[int]:
         """Question ids of SFT batch i, row by row, read back from the packed tokens."""
-        toks = self.sft_batches[i]["tokens"].reshape(-1, self.sft_batches[i]["tokens"].shape[-1])
-        valid = self.sft_batches[i]["valid"].reshape(toks.shape)
+        toks = self.sft_batches[i].micro_batches.tokens_bxT.reshape(-1, self.sft_batches[i].micro_batches.tokens_bxT.shape[-1])
+        valid = self.sft_batches[i].micro_batches.valid_bxT.reshape(toks.shape)
         return [int(t[0]) - BASE for t, v in zip(toks, valid) if v.any()]
 
 
@@ -79,7 +89,7 @@ def make_controller(h: Harness, questions, *, mode="relift", N=4, G=2, M=6, seed
 
 
 def run(ctl: Controller, iterations: int, state=None):
-    state = state or {"params": None, "rl": 0, "sft": 0}
+    state = state or StubState(params=None, rl=0, sft=0)
     ms = []
     for _ in range(iterations):
         state, m = ctl.step(state)
@@ -98,7 +108,7 @@ def test_all_wrong_fills_buffer_and_fires_once_per_M_newest_first():
     assert [m["buffer/sft_fired"] for m in ms] == [0, 1, 1]
     assert [m["buffer/size"] for m in ms] == [4, 2, 0]
     assert [m["buffer/hardest_in_batch"] for m in ms] == [4, 4, 4]
-    assert len(h.sft_batches) == 2 and state["sft"] == 2 and state["rl"] == 3
+    assert len(h.sft_batches) == 2 and state.sft == 2 and state.rl == 3
     # Newest first: iteration 1's four, then the first two of iteration 0's; the other two of
     # iteration 0 stay and go with iteration 2's four.
     assert h.sft_ids(0) == it[1] + it[0][:2]
@@ -115,14 +125,14 @@ def test_sft_batch_holds_prompt_then_demonstration():
     ctl = make_controller(h, qs, N=4, G=2, M=4)
     run(ctl, 1)
     b = h.sft_batches[0]
-    toks = b["tokens"].reshape(-1, b["tokens"].shape[-1])
-    mask = b["loss_mask"].reshape(toks.shape)
+    toks = b.micro_batches.tokens_bxT.reshape(-1, b.micro_batches.tokens_bxT.shape[-1])
+    mask = b.micro_batches.loss_mask_bxT.reshape(toks.shape)
     for row, q in enumerate(h.sft_ids(0)):
         want = qs[q].prompt_ids + qs[q].demo_ids
         np.testing.assert_array_equal(toks[row, :len(want)], want)
         np.testing.assert_array_equal(np.nonzero(mask[row])[0],
                                       np.arange(len(qs[q].prompt_ids), len(want)))
-    assert float(b["total_num_tokens"]) == sum(len(qs[q].demo_ids) for q in h.sft_ids(0))
+    assert float(b.num_tokens) == sum(len(qs[q].demo_ids) for q in h.sft_ids(0))
 
 
 def test_oldest_order_takes_the_oldest_first():
@@ -172,7 +182,7 @@ def test_mode_rl_never_calls_sft():
     h = Harness(correct=lambda q: 0)
     ctl = make_controller(h, make_questions(12), mode="rl", N=4, G=2, M=2)
     state, ms = run(ctl, 4)
-    assert not h.sft_batches and state["sft"] == 0 and len(h.rl_batches) == 4
+    assert not h.sft_batches and state.sft == 0 and len(h.rl_batches) == 4
     assert len(ctl.buffer) == 0 and all(m["buffer/sft_fired"] == 0 for m in ms)
 
 
@@ -182,7 +192,7 @@ def test_mode_sft_never_samples():
     has_demo = lambda q: q % 2 == 0  # noqa: E731
     ctl = make_controller(h, make_questions(12, has_demo), mode="sft", M=4)
     state, ms = run(ctl, 3)
-    assert state == {"params": None, "rl": 0, "sft": 3} and not h.rl_batches
+    assert state == StubState(params=None, rl=0, sft=3) and not h.rl_batches
     ids = [h.sft_ids(i) for i in range(3)]
     assert all(len(x) == 4 and len(set(x)) == 4 and all(has_demo(q) for q in x) for x in ids)
     # The demonstration cursor walks an epoch of the 6 demonstrated questions before repeating.
@@ -195,7 +205,7 @@ def test_mode_sft_then_rl_switches_after_sft_iterations():
     h = Harness(correct=lambda q: 0)
     ctl = make_controller(h, make_questions(12), mode="sft_then_rl", M=3, sft_iterations=2)
     state, ms = run(ctl, 5)
-    assert len(h.sft_batches) == 2 and state["sft"] == 2  # iterations 0 and 1 only
+    assert len(h.sft_batches) == 2 and state.sft == 2  # iterations 0 and 1 only
     assert len(h.samples) == 3 and len(h.rl_batches) == 3  # iterations 2, 3, 4
     assert [m["buffer/sft_fired"] for m in ms] == [1, 1, 0, 0, 0]
     assert ["rollout/reward_mean" in m for m in ms] == [False, False, True, True, True]
@@ -224,21 +234,21 @@ def test_mode_rl_with_sft_loss_attaches_demonstrations_to_every_rl_batch():
                           rl=RLConfig(num_mini_batches=2))
     run(ctl, 3)
     assert not h.sft_batches and len(h.rl_batches) == 6
-    assert any("sft" in b for b in h.rl_batches)
+    assert any(b.micro_batches.sft is not None for b in h.rl_batches)
     for i, b in enumerate(h.rl_batches):
         demo_qs = [q for q in h.samples[i // 2][0] if has_demo(q)]
         if not demo_qs:  # no demonstration among this iteration's questions: nothing to attach
-            assert "sft" not in b
+            assert b.micro_batches.sft is None
             continue
-        s = b["sft"]
-        M = b["tokens"].shape[0]
-        assert s["tokens"].shape[0] == M  # one slice of demonstrations per RL micro-batch
-        toks = s["tokens"].reshape(-1, s["tokens"].shape[-1])
-        valid = s["valid"].reshape(toks.shape)
+        s = b.micro_batches.sft
+        M = b.micro_batches.tokens_bxT.shape[0]
+        assert s.tokens_bxT.shape[0] == M  # one slice of demonstrations per RL micro-batch
+        toks = s.tokens_bxT.reshape(-1, s.tokens_bxT.shape[-1])
+        valid = s.valid_bxT.reshape(toks.shape)
         got = [int(t[0]) - BASE for t, v in zip(toks, valid) if v.any()]
         assert got == demo_qs
-        assert float(b["total_sft_num_tokens"]) == sum(len(qs[q].demo_ids) for q in demo_qs)
-        assert float(s["loss_mask"].sum()) == float(b["total_sft_num_tokens"])
+        assert float(b.sft_num_tokens) == sum(len(qs[q].demo_ids) for q in demo_qs)
+        assert float(s.loss_mask_bxT.sum()) == float(b.sft_num_tokens)
 
 
 def test_dynamic_filter_drops_all_equal_groups():
@@ -249,20 +259,20 @@ def test_dynamic_filter_drops_all_equal_groups():
                           rl=RLConfig(num_mini_batches=1, dynamic_filter=True))
     _, ms = run(ctl, 1)
     (b,) = h.rl_batches
-    toks = b["tokens"].reshape(-1, b["tokens"].shape[-1])
-    valid = b["valid"].reshape(toks.shape)
+    toks = b.micro_batches.tokens_bxT.reshape(-1, b.micro_batches.tokens_bxT.shape[-1])
+    valid = b.micro_batches.valid_bxT.reshape(toks.shape)
     rows_q = [int(t[0]) - BASE for t, v in zip(toks, valid) if v.any()]
     kept = [q for q in h.samples[0][0] if q % 4 in (2, 3)]
     assert len(kept) == 4 and rows_q == [q for q in kept for _ in range(4)]
     assert ms[0]["rollout/kept_frac"] == pytest.approx(0.5)
     # Dr.GRPO advantages of the kept groups: reward - group mean.
-    adv = b["advantages"].reshape(-1)[:len(rows_q)]
+    adv = b.micro_batches.advantages_b.reshape(-1)[:len(rows_q)]
     want = [(1.0 if g < solved(q) else 0.0) - solved(q) / 4 for q in kept for g in range(4)]
     np.testing.assert_allclose(adv, want, atol=1e-6)
     # Without the filter, every row trains.
     h2 = Harness(correct=solved)
     run(make_controller(h2, make_questions(8), mode="rl", N=8, G=4), 1)
-    assert int(h2.rl_batches[0]["valid"].any(-1).sum()) == 32
+    assert int(h2.rl_batches[0].micro_batches.valid_bxT.any(-1).sum()) == 32
 
 
 def test_dynamic_filter_skips_the_update_when_every_group_is_uniform():
@@ -270,7 +280,7 @@ def test_dynamic_filter_skips_the_update_when_every_group_is_uniform():
     ctl = make_controller(h, make_questions(8), mode="relift", N=4, G=4, M=100,
                           rl=RLConfig(dynamic_filter=True))
     state, ms = run(ctl, 1)
-    assert not h.rl_batches and state["rl"] == 0 and ms[0]["rollout/kept_frac"] == 0.0
+    assert not h.rl_batches and state.rl == 0 and ms[0]["rollout/kept_frac"] == 0.0
     assert len(ctl.buffer) == 4  # the hardest are still buffered
 
 
@@ -333,7 +343,7 @@ def test_metrics_with_the_real_steps_on_a_tiny_model():
     for _ in range(4):  # two epochs of 8: four hardest questions in all, so SFT fires once
         state, m = ctl.step(state)
         ms.append(m)
-    assert int(state["rl_steps"]) == 8 and int(state["sft_steps"]) == 1
+    assert int(state.rl_steps) == 8 and int(state.sft_steps) == 1
     sizes, fired, size = [], [], 0
     for qids, _, _ in h.samples:  # the buffer by hand
         size += sum(q % 4 == 0 for q in qids)
@@ -351,7 +361,13 @@ def test_metrics_with_the_real_steps_on_a_tiny_model():
     for m in ms:
         missing = [k for k in documented if k not in m]
         assert not missing, missing
-        assert all(isinstance(v, (int, float)) and np.isfinite(v) for v in m.values())
+        # Step scalars stay on the device (the loop fetches them one iteration late); host ones
+        # are plain numbers. Either way each is one finite scalar.
+        assert all(isinstance(m[k], jax.Array) for k in m if k.startswith(("rl/", "sft/"))
+                   and not k.endswith(("num_tokens", "num_seqs")))
+        assert all(isinstance(v, (int, float)) for k, v in m.items()
+                   if not k.startswith(("rl/", "sft/")))
+        assert all(np.ndim(v) == 0 and np.isfinite(float(v)) for v in m.values())
     assert not any(k.startswith("sft/") for i, m in enumerate(ms) if i != fire_at for k in m)
     for k in ("sft/loss", "sft/nll", "sft/entropy", "sft/grad_norm", "sft/lr"):
         assert k in ms[fire_at], k

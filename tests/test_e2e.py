@@ -175,40 +175,53 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_one(runs):
 
 # ----------------------------------------------------------------------------- config errors
 
-def _main_error(tmp_path, *bindings) -> str:
-    import gin
-
+def _main_error(tmp_path, capsys, *bindings) -> str:
+    """Runs main in-process; asserts exit status 2 and one line on stderr; returns that line."""
     from relift_jax import main
     run_dir = str(tmp_path / "never")
-    try:
-        with pytest.raises((SystemExit, ValueError)) as e:
-            main.main([f"--gin_file={os.path.join(REPO, GIN)}", f"--run_dir={run_dir}",
-                       *bindings])
-    finally:
-        gin.clear_config()
+    with pytest.raises(SystemExit) as e:
+        main.main([f"--gin_file={os.path.join(REPO, GIN)}", f"--run_dir={run_dir}", *bindings])
+    assert e.value.code == 2
     assert not os.path.exists(run_dir), "failed after starting work"
-    return str(e.value)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
 
 
-def test_misspelled_binding_fails_first_and_names_it(tmp_path):
-    msg = _main_error(tmp_path, "--gin.RLConfig.learnin_rate=1")
+def test_misspelled_binding_fails_first_and_names_it(tmp_path, capsys):
+    msg = _main_error(tmp_path, capsys, "--gin.RLConfig.learnin_rate=1")
     assert "learnin_rate" in msg
 
 
-def test_invalid_value_fails_first_and_names_the_field(tmp_path):
-    msg = _main_error(tmp_path, '--gin.TrainConfig.mode="bogus"')
+def test_invalid_value_fails_first_and_names_the_field(tmp_path, capsys):
+    msg = _main_error(tmp_path, capsys, '--gin.TrainConfig.mode="bogus"')
     assert "TrainConfig.mode" in msg and "bogus" in msg
 
 
-def test_missing_model_folder_is_a_clear_error(tmp_path):
+def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     """A model path that does not exist (and no recipe to build it) names the binding."""
-    import pytest
+    msg = _main_error(tmp_path, capsys, f"--gin.ModelLoadConfig.path='{tmp_path}/absent'")
+    assert "ModelLoadConfig.path" in msg and "absent" in msg
 
+
+def test_data_that_contradicts_the_mode_is_a_config_error(tmp_path, capsys):
+    """Validation that needs the data (here M larger than the demonstrations) still exits 2."""
     from relift_jax import main
+    with pytest.raises(SystemExit) as e:
+        main.main([f"--gin_file={os.path.join(REPO, GIN)}", f"--run_dir={tmp_path}/r",
+                   "--gin.TrainConfig.mode='relift_uniform'", "--gin.SFTConfig.buffer_size=999"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "SFTConfig.buffer_size = 999" in err and "\n" not in err
 
-    with pytest.raises(FileNotFoundError, match="ModelLoadConfig.path"):
-        main.main([f"--gin_file={REPO}/gin/tests/tiny_e2e.gin", f"--run_dir={tmp_path}",
-                   f"--gin.ModelLoadConfig.path='{tmp_path}/absent'"])
+
+def test_config_error_from_the_command_line_exits_2_without_a_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "relift_jax.main", f"--gin_file={GIN}",
+           f"--run_dir={tmp_path}/r", "--gin.RLConfig.learnin_rate=1"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "learnin_rate" in lines[0], p.stderr
 
 
 def test_kl_penalty_to_a_frozen_reference_runs(tmp_path):
@@ -229,14 +242,15 @@ def test_kl_penalty_to_a_frozen_reference_runs(tmp_path):
     assert jax.sharding.get_abstract_mesh().empty  # the run's mesh does not leak into the caller
 
 
-def test_bindings_do_not_outlive_the_run(tmp_path):
-    """main() clears the gin bindings it parsed, so configs built afterwards get their defaults."""
-    import pytest
+def test_bindings_do_not_outlive_the_run(tmp_path, capsys):
+    """The configs are read from gin once, at the edge; gin is clear again afterwards."""
+    import gin
 
     from relift_jax import main
     from relift_jax.config import RLConfig
 
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SystemExit):
         main.main([f"--gin_file={REPO}/gin/tests/tiny_e2e.gin", f"--run_dir={tmp_path}",
                    "--gin.RLConfig.kl_coef=0.1", f"--gin.ModelLoadConfig.path='{tmp_path}/absent'"])
     assert RLConfig().kl_coef == 0.0
+    assert "kl_coef" not in gin.config_str()

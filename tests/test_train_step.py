@@ -15,15 +15,22 @@ import numpy as np
 import optax
 import pytest
 
+from f32 import EPS32, assert_close, decoder_ulps
 from relift_jax import model
 from relift_jax.config import RLConfig, SFTConfig
-from relift_jax.train_step import (Packing, init_state, jit_step, make_optimizer, make_schedule,
-                                   pack_rl_batch, pack_sft_batch, rl_train_step, sft_train_step)
+from relift_jax.batches import Packing, pack_rl_batch, pack_sft_batch
+from relift_jax.train_step import (init_state, jit_step, make_optimizer, make_schedule,
+                                   rl_train_step, sft_train_step)
 
 CFG = model.ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
 PAD = 0
 NORM_LEN = 16
+# Float32 rounding (f32.py) of a log-prob, in eps32 * max|logits|: the decoder's on sequences of
+# up to 24 tokens (the sampler's cache), twice, since log p = logit - logsumexp(logits). Of a
+# gradient, per parameter in eps32 * max|gradient|: the backward chain over 8 x 16 tokens.
+LOGP_ULPS = 2 * decoder_ulps(CFG, T=24)
+GRAD_ULPS = decoder_ulps(CFG, T=8 * 16, backward=True)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +74,14 @@ def _ref_rows(p, prompts, responses):
         pos = np.arange(len(pr) - 1, len(pr) + len(r) - 1)  # positions predicting the response
         out.append((logp_all[i, pos, toks[i, pos + 1]], ent_all[i, pos]))
     return out
+
+
+def _logit_scale(p, prompts, responses) -> float:
+    """max|logits| of `_ref_rows`' forward pass: the size log-prob rounding is relative to."""
+    toks = np.zeros((len(prompts), 16), np.int32)
+    for i, (pr, r) in enumerate(zip(prompts, responses)):
+        toks[i, :len(pr) + len(r)] = pr + r
+    return float(np.abs(np.asarray(model.forward(CFG, p, toks))).max())
 
 
 def _rl_inputs(p, seed: int = 1, n: int = 8):
@@ -144,16 +159,18 @@ def test_rl_step_matches_numpy_and_lowers_its_loss(params, steps):
     state = _state(params, steps)
     seen = []
     for _ in range(3):
-        state, m = steps["rl"](state, dict(batch))
+        state, m = steps["rl"](state, batch)
         seen.append({k: float(v) for k, v in m.items()})
     # Step 1 reports the loss at the initial params: token-mean, no clipping, entropy bonus.
     ref = _ref_rl_loss(params, prompts, responses, old, adv, RL_A, NORM_LEN)
-    assert seen[0]["loss"] == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    # Each token's -A * ratio moves by |A| * ratio (< 2) times its log-prob's rounding error.
+    assert_close(seen[0]["loss"], ref, ulps=2 * LOGP_ULPS,
+                 scale=np.abs(adv).max() * _logit_scale(params, prompts, responses))
     assert seen[0]["clip_frac"] == 0.0 and seen[0]["lr"] == pytest.approx(1e-2)
     # metrics["loss"] of step k is the loss at the params before step k: strictly decreasing.
     assert seen[1]["loss"] < seen[0]["loss"] - 1e-3, [s["loss"] for s in seen]
     assert seen[2]["loss"] < seen[1]["loss"], [s["loss"] for s in seen]
-    assert int(state["rl_steps"]) == 3 and int(state["sft_steps"]) == 0
+    assert int(state.rl_steps) == 3 and int(state.sft_steps) == 0
 
 
 def test_sft_step_matches_numpy_and_lowers_its_loss(params, steps):
@@ -161,12 +178,13 @@ def test_sft_step_matches_numpy_and_lowers_its_loss(params, steps):
     batch = pack_sft_batch(prompts, demos, PK)
     state = _state(params, steps)
     ref_loss, ref_nll = _ref_sft_loss(params, prompts, demos, SFT_B.entropy_coef)
-    state, m1 = steps["sft"](state, dict(batch))
-    assert float(m1["loss"]) == pytest.approx(ref_loss, rel=1e-5)
-    assert float(m1["nll"]) == pytest.approx(ref_nll, rel=1e-5)
-    state, m2 = steps["sft"](state, dict(batch))
+    state, m1 = steps["sft"](state, batch)
+    scale = _logit_scale(params, prompts, demos)  # the NLL is a mean of log-probs
+    assert_close(m1["loss"], ref_loss, ulps=LOGP_ULPS, scale=scale)
+    assert_close(m1["nll"], ref_nll, ulps=LOGP_ULPS, scale=scale)
+    state, m2 = steps["sft"](state, batch)
     assert float(m2["loss"]) < float(m1["loss"]) - 1e-3
-    assert int(state["sft_steps"]) == 2 and int(state["rl_steps"]) == 0
+    assert int(state.sft_steps) == 2 and int(state.rl_steps) == 0
 
 
 def test_sampler_logprobs_are_the_steps_old_logprobs(params, steps):
@@ -181,11 +199,14 @@ def test_sampler_logprobs_are_the_steps_old_logprobs(params, steps):
     adv = np.where(np.arange(8) % 2 == 0, 1.0, -1.0).astype(np.float32)
     batch = pack_rl_batch(rows, out.tokens, out.logprobs, adv, PK)
     _, m = steps["rl"](_state(params, steps), batch)
-    assert float(m["approx_kl"]) == pytest.approx(0.0, abs=1e-5)
-    assert float(m["ratio_max"]) == pytest.approx(1.0, abs=1e-4)
+    # Sampler (cached decode) and step (packed batch) are different programs: their log-probs
+    # agree to rounding, so log ratio, approx_kl and (|A| = 1) the pg loss are that far from exact.
+    scale = _logit_scale(params, rows, out.tokens)
+    assert_close(m["approx_kl"], 0.0, ulps=LOGP_ULPS, scale=scale)
+    assert_close(m["ratio_max"], 1.0, ulps=LOGP_ULPS, scale=scale)
     # With ratio 1 the token-mean pg loss is -sum(A * n_tokens) / total tokens.
     n = np.array([len(t) for t in out.tokens], np.float64)
-    assert float(m["pg_loss"]) == pytest.approx(-(adv * n).sum() / n.sum(), abs=1e-5)
+    assert_close(m["pg_loss"], -(adv * n).sum() / n.sum(), ulps=LOGP_ULPS, scale=scale)
 
 
 # ----------------------------------------------------------------------------- state isolation
@@ -209,25 +230,25 @@ def test_each_step_touches_only_its_own_state(params, steps, share):
     s0 = _np_tree(state)
     state, _ = steps["rl"](state, pack_rl_batch(prompts, responses, old, adv, PK))
     s1 = _np_tree(state)
-    assert _tree_differs(s0["params"], s1["params"]) and _tree_differs(s0["rl_opt"], s1["rl_opt"])
-    _assert_tree_equal(s0["sft_opt"], s1["sft_opt"], "sft_opt after an RL step")
-    _assert_tree_equal(s0["sft_steps"], s1["sft_steps"], "sft_steps after an RL step")
-    assert int(s1["rl_steps"]) == 1
+    assert _tree_differs(s0.params, s1.params) and _tree_differs(s0.rl_opt, s1.rl_opt)
+    _assert_tree_equal(s0.sft_opt, s1.sft_opt, "sft_opt after an RL step")
+    _assert_tree_equal(s0.sft_steps, s1.sft_steps, "sft_steps after an RL step")
+    assert int(s1.rl_steps) == 1
 
     sft_step = steps["sft_shared" if share else "sft"]
     state, _ = sft_step(state, pack_sft_batch(*_rows(seed=3), PK))
     s2 = _np_tree(state)
-    assert _tree_differs(s1["params"], s2["params"])
-    _assert_tree_equal(s1["rl_steps"], s2["rl_steps"], "rl_steps after an SFT step")
-    assert int(s2["sft_steps"]) == 1
+    assert _tree_differs(s1.params, s2.params)
+    _assert_tree_equal(s1.rl_steps, s2.rl_steps, "rl_steps after an SFT step")
+    assert int(s2.sft_steps) == 1
     if share:
-        assert s1["sft_opt"] == () and s2["sft_opt"] == ()
-        assert _tree_differs(s1["rl_opt"], s2["rl_opt"])
-        counts = [x for x in jax.tree.leaves(s2["rl_opt"]) if x.dtype == np.int32]
+        assert s1.sft_opt == () and s2.sft_opt == ()
+        assert _tree_differs(s1.rl_opt, s2.rl_opt)
+        counts = [x for x in jax.tree.leaves(s2.rl_opt) if x.dtype == np.int32]
         assert counts and all(int(c) == 2 for c in counts)  # one RL + one SFT update
     else:
-        _assert_tree_equal(s1["rl_opt"], s2["rl_opt"], "rl_opt after an SFT step")
-        assert _tree_differs(s1["sft_opt"], s2["sft_opt"])
+        _assert_tree_equal(s1.rl_opt, s2.rl_opt, "rl_opt after an SFT step")
+        assert _tree_differs(s1.sft_opt, s2.sft_opt)
 
 
 # ----------------------------------------------------------------------------- exact accumulation
@@ -249,25 +270,49 @@ def test_micro_batches_accumulate_exactly(params, rl):
     for mb in (8, 3):
         pk = dataclasses.replace(PK, micro_batch_size=mb)
         batch = pack_rl_batch(prompts, responses, old, adv, pk)
-        assert batch["tokens"].shape == ((1, 8, 16) if mb == 8 else (3, 3, 16))
+        assert batch.micro_batches.tokens_bxT.shape == ((1, 8, 16) if mb == 8 else (3, 3, 16))
         step = jit_step(rl_train_step, config=CFG, rl=rl, tx=tx,
                         schedule=make_schedule(rl.optim()), norm_len=NORM_LEN)
         state, m = step(init_state(_copy(params), tx, tx), batch)
-        results.append((_np_tree(state["params"]), {k: float(v) for k, v in m.items()}))
+        results.append((_np_tree(state.params), {k: float(v) for k, v in m.items()}))
     (p1, m1), (p3, m3) = results
     moved = max(float(np.abs(a - b).max())
                 for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(_np_tree(params))))
     assert moved > 1e-4  # the gradient is not trivially zero
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p3)):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
-    for k in ("loss", "pg_loss", "entropy", "clip_frac", "ratio_max", "grad_norm"):
-        assert m3[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-7), k
-    # approx_kl is a mean of small differences of ~0.1 values: float32 cancellation, absolute tol.
-    assert m3["approx_kl"] == pytest.approx(m1["approx_kl"], abs=1e-6)
+    # Micro-batching sums the gradient in another order, in another program. The update is the
+    # gradient (SGD, lr 1), rounded at its own scale; storing p - g in float32 adds half an ulp
+    # of |p| to each side.
+    p0s = jax.tree.leaves(_np_tree(params))
+    for a, b, p0 in zip(jax.tree.leaves(p1), jax.tree.leaves(p3), p0s):
+        assert_close(b, a, ulps=GRAD_ULPS, scale=np.abs(a - p0).max(),
+                     atol=EPS32 * np.abs(p0).max())
+    scale = np.abs(adv).max() * _logit_scale(params, prompts, responses)
+    for k in ("loss", "pg_loss", "ratio_max", "approx_kl"):  # |A| * ratio (< 2) * log-prob error
+        assert_close(m3[k], m1[k], ulps=2 * LOGP_ULPS, scale=scale, err_msg=k)
+    # dH = -sum p (1 + log p) dlog p: at most (1 + log V) times a log-prob's error.
+    assert_close(m3["entropy"], m1["entropy"], ulps=(1 + np.log(CFG.vocab_size)) * LOGP_ULPS,
+                 scale=scale)
+    assert_close(m3["grad_norm"], m1["grad_norm"], ulps=GRAD_ULPS)
+    # clip_frac counts tokens: one token's share for each ratio within rounding of a clip edge,
+    # plus the rounding of adding 3 micro-batches' shares.
+    n_edge, n_tok = _tokens_at_clip_edge(params, prompts, responses, old, rl,
+                                         bound=2 * LOGP_ULPS * EPS32 * scale)
+    assert_close(m3["clip_frac"], m1["clip_frac"], ulps=3, scale=1.0, atol=n_edge / n_tok)
     ref = _ref_rl_loss(params, prompts, responses, old, adv, rl, NORM_LEN)
-    assert m1["loss"] == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    assert_close(m1["loss"], ref, ulps=2 * LOGP_ULPS, scale=scale)
     if rl.clip_low is not None:
         assert 0.0 < m1["clip_frac"] < 1.0  # the clipped branch really was exercised
+
+
+def _tokens_at_clip_edge(p, prompts, responses, old, rl: RLConfig,
+                         bound: float) -> tuple[int, int]:
+    """(tokens whose ratio is within `bound` (relative) of a clip edge, all response tokens)."""
+    ratios = np.concatenate([np.exp(logp - np.asarray(o)) for (logp, _), o in
+                             zip(_ref_rows(p, prompts, responses), old)])
+    if rl.clip_low is None:
+        return 0, len(ratios)
+    edges = np.array([1 - rl.clip_low, 1 + rl.clip_high])
+    return int((np.abs(ratios[:, None] - edges) <= bound * edges).sum()), len(ratios)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -278,35 +323,35 @@ def test_pack_rl_batch_layout_by_hand():
     old = [[-0.1, -0.2], [-0.3, -0.4, -0.5]]
     b = pack_rl_batch(prompts, responses, old, np.array([1.5, -2.0], np.float32),
                       Packing(micro_batch_size=2, pad_id=63, length_multiple=8))
-    assert b["tokens"].shape == (1, 2, 8)
-    np.testing.assert_array_equal(b["tokens"][0], [[5, 6, 7, 8, 9, 63, 63, 63],
+    assert b.micro_batches.tokens_bxT.shape == (1, 2, 8)
+    np.testing.assert_array_equal(b.micro_batches.tokens_bxT[0], [[5, 6, 7, 8, 9, 63, 63, 63],
                                                    [5, 10, 11, 12, 63, 63, 63, 63]])
-    np.testing.assert_array_equal(b["valid"][0], [[1, 1, 1, 1, 1, 0, 0, 0],
+    np.testing.assert_array_equal(b.micro_batches.valid_bxT[0], [[1, 1, 1, 1, 1, 0, 0, 0],
                                                   [1, 1, 1, 1, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(b["loss_mask"][0], [[0, 0, 0, 1, 1, 0, 0, 0],
+    np.testing.assert_array_equal(b.micro_batches.loss_mask_bxT[0], [[0, 0, 0, 1, 1, 0, 0, 0],
                                                       [0, 1, 1, 1, 0, 0, 0, 0]])
-    np.testing.assert_allclose(b["old_logprobs"][0], [[0, 0, 0, -0.1, -0.2, 0, 0, 0],
+    np.testing.assert_allclose(b.micro_batches.old_logprobs_bxT[0], [[0, 0, 0, -0.1, -0.2, 0, 0, 0],
                                                       [0, -0.3, -0.4, -0.5, 0, 0, 0, 0]])
-    np.testing.assert_allclose(b["advantages"], [[1.5, -2.0]])
-    assert float(b["total_num_tokens"]) == 5.0 and float(b["total_num_seqs"]) == 2.0
+    np.testing.assert_allclose(b.micro_batches.advantages_b, [[1.5, -2.0]])
+    assert float(b.num_tokens) == 5.0 and float(b.num_seqs) == 2.0
 
     # One row per micro-batch: same rows, leading axis M = 2; a third, padding-only row when
     # the batch must be a multiple of 2 rows per micro-batch with 3 rows.
     b1 = pack_rl_batch(prompts, responses, old, np.array([1.5, -2.0]),
                        Packing(1, 63, length_multiple=8))
-    assert b1["tokens"].shape == (2, 1, 8)
-    np.testing.assert_array_equal(b1["tokens"].reshape(2, 8), b["tokens"][0])
+    assert b1.micro_batches.tokens_bxT.shape == (2, 1, 8)
+    np.testing.assert_array_equal(b1.micro_batches.tokens_bxT.reshape(2, 8), b.micro_batches.tokens_bxT[0])
     b3 = pack_rl_batch(prompts + [[4]], responses + [[3]], old + [[-1.0]], np.ones(3),
                        Packing(2, 63, batch_multiple=2, length_multiple=8))
-    assert b3["tokens"].shape == (2, 2, 8)
-    assert not b3["valid"][1, 1].any() and b3["loss_mask"][1, 1].sum() == 0
-    assert b3["advantages"][1, 1] == 0.0 and float(b3["total_num_seqs"]) == 3.0
+    assert b3.micro_batches.tokens_bxT.shape == (2, 2, 8)
+    assert not b3.micro_batches.valid_bxT[1, 1].any() and b3.micro_batches.loss_mask_bxT[1, 1].sum() == 0
+    assert b3.micro_batches.advantages_b[1, 1] == 0.0 and float(b3.num_seqs) == 3.0
 
 
 def test_pack_sft_batch_masks_only_the_demonstration():
     b = pack_sft_batch([[5, 6], [7, 8, 9]], [[1, 2, 3], [4]], Packing(4, 0, length_multiple=8))
-    np.testing.assert_array_equal(b["loss_mask"][0], [[0, 0, 1, 1, 1, 0, 0, 0],
+    np.testing.assert_array_equal(b.micro_batches.loss_mask_bxT[0], [[0, 0, 1, 1, 1, 0, 0, 0],
                                                       [0, 0, 0, 1, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(b["tokens"][0], [[5, 6, 1, 2, 3, 0, 0, 0],
+    np.testing.assert_array_equal(b.micro_batches.tokens_bxT[0], [[5, 6, 1, 2, 3, 0, 0, 0],
                                                    [7, 8, 9, 4, 0, 0, 0, 0]])
-    assert float(b["total_num_tokens"]) == 4.0
+    assert float(b.num_tokens) == 4.0

@@ -1,0 +1,173 @@
+"""Set-up of a training run from plain configs: model, data, train state and the two jitted steps.
+
+All validation of the data against the configs happens here, before any compilation; errors are
+`ConfigError`s naming the binding and the rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from relift_jax import data, hf, model, sharding
+from relift_jax.batches import Packing, device_batch
+from relift_jax.config import ConfigError, DataConfig, ModelLoadConfig, RolloutConfig, RunConfig
+from relift_jax.controller import Question
+from relift_jax.heldout import example_level
+from relift_jax.train_step import (TrainState, init_state, jit_step, make_optimizer, make_schedule,
+                                   rl_train_step, sft_train_step)
+
+
+# ----------------------------------------------------------------------------- model
+
+def load_model(cfg: ModelLoadConfig, shardings_for: Callable | None = None
+               ) -> tuple[model.ModelConfig, Any, Any, str | None]:
+    """(config, params, tokenizer, model folder) from a Hugging Face folder, or a random init."""
+    if cfg.path is not None and not os.path.exists(cfg.path):
+        raise ConfigError(f"ModelLoadConfig.path = {cfg.path!r}: no such folder (models load "
+                          f"from a local Hugging Face folder, never from a hub)")
+    tok_path = cfg.tokenizer_path or cfg.path
+    if tok_path == "toy":
+        from relift_jax.toy.tokenizer import TOKENIZER_DIR
+        tok_path = str(TOKENIZER_DIR)
+    if not os.path.isdir(tok_path):
+        raise ConfigError(f"ModelLoadConfig.tokenizer_path = {tok_path!r}: no such folder")
+    tok = hf.load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.path is None:  # a fresh random model (the toy base model starts here)
+        fields = {"model_type": "qwen2", "qkv_bias": True, "vocab_size": len(tok), **cfg.random_init,
+                  "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
+                  "remat": cfg.remat}
+        mc = model.ModelConfig(**fields)
+        params = model.init_params(mc, jax.random.key(0))
+        if shardings_for:
+            params = jax.tree.map(jax.device_put, params, shardings_for(mc))
+        return mc, params, tok, None
+    hf_cfg = hf.config_from_hf(hf.load_hf_config(cfg.path), source=cfg.path,
+                               param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
+    hf_cfg = hf_cfg.replace(remat=cfg.remat)
+    shardings = shardings_for(hf_cfg) if shardings_for else None
+    _, params = hf.load_checkpoint(cfg.path, dtype=jnp.dtype(cfg.param_dtype),
+                                   compute_dtype=jnp.dtype(cfg.compute_dtype), shardings=shardings)
+    return hf_cfg, params, tok, cfg.path
+
+
+# ----------------------------------------------------------------------------- data
+
+def make_questions(examples, tok, rollout: RolloutConfig, max_demo_len: int
+                   ) -> tuple[list[Question], list[data.Example], int]:
+    """Examples -> tokenised questions (prompts over max_prompt_len dropped or an error)."""
+    enc = data.encode_prompts(tok, examples, max_prompt_len=rollout.max_prompt_len,
+                              keep_system_prompt=rollout.keep_system_prompt,
+                              think_prefix=rollout.think_prefix,
+                              on_overflow="drop" if rollout.drop_long_prompts else "raise")
+    qs, kept = [], []
+    for ids, k in zip(enc.ids, enc.kept):
+        ex = examples[k]
+        demo = None
+        if ex.demonstration:
+            demo, _ = data.encode_demonstration(tok, ex.demonstration, max_len=max_demo_len,
+                                                eos_id=tok.eos_token_id,
+                                                think_prefix=rollout.think_prefix)
+        qs.append(Question(ids, ex.ground_truth, demo, ex.reward, example_level(ex)))
+        kept.append(ex)
+    return qs, kept, enc.num_dropped
+
+
+def resolve_data(spec: str, run_dir: str) -> str:
+    """A data path, or a toy-task spec `toy:SPLIT:LEVELS:N_PER_LEVEL[:SEED]` (for example
+    `toy:train:1,2,3,4,5:200`) written deterministically into `<run_dir>/data/`."""
+    if not spec.startswith("toy:"):
+        return spec
+    parts = spec.split(":")
+    if len(parts) not in (4, 5):
+        raise ConfigError(f"data spec {spec!r}: expected toy:SPLIT:LEVELS:N_PER_LEVEL[:SEED]")
+    from relift_jax.toy import task
+    split, levels, n = parts[1], [int(x) for x in parts[2].split(",")], int(parts[3])
+    seed = int(parts[4]) if len(parts) == 5 else 0
+    path = os.path.join(run_dir, "data", spec.replace(":", "_").replace(",", "-") + ".jsonl")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        task.write_dataset(path + ".tmp", levels, n, seed=seed, split=split)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def split_heldout(examples, dcfg: DataConfig, seed: int, run_dir: str):
+    """(train, held-out) examples: the held-out file, or a seeded fraction of train."""
+    if dcfg.heldout:
+        return examples, data.load_examples(resolve_data(dcfg.heldout, run_dir))
+    if dcfg.heldout_fraction <= 0:
+        return examples, []
+    perm = np.random.default_rng(seed).permutation(len(examples))
+    n = max(1, int(len(examples) * dcfg.heldout_fraction))
+    held = set(perm[:n].tolist())
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+@dataclasses.dataclass
+class Data:
+    questions: list[Question]
+    heldout: list[data.Example]  # held-out rows that pass the prompt-length filter
+    dropped: int                 # training prompts dropped as too long
+
+
+def load_data(c: RunConfig, tok, run_dir: str) -> Data:
+    max_demo = c.sft.max_demo_len or c.rollout.max_response_len
+    train_ex, held_ex = split_heldout(data.load_examples(resolve_data(c.data.train, run_dir)),
+                                      c.data, c.train.seed, run_dir)
+    questions, _, dropped = make_questions(train_ex, tok, c.rollout, max_demo)
+    if not questions:
+        raise ConfigError(f"DataConfig.train = {c.data.train!r}: no usable question "
+                          f"({dropped} dropped as longer than max_prompt_len)")
+    n_demos = sum(q.demo_ids is not None for q in questions)
+    if c.train.mode != "rl" and not n_demos:
+        raise ConfigError(f"TrainConfig.mode = {c.train.mode!r} needs demonstrations but "
+                          f"{c.data.train!r} has none")
+    if c.train.mode == "relift_uniform" and c.sft.buffer_size > n_demos:
+        raise ConfigError(f"SFTConfig.buffer_size = {c.sft.buffer_size}: relift_uniform draws "
+                          f"that many distinct demonstrations but {c.data.train!r} has {n_demos}")
+    held = make_questions(held_ex, tok, c.rollout, max_demo)[1] if held_ex else []
+    if c.train.eval_questions:
+        held = held[:c.train.eval_questions]
+    return Data(questions, held, dropped)
+
+
+# ----------------------------------------------------------------------------- state and steps
+
+@dataclasses.dataclass
+class Steps:
+    rl: Callable      # (state, host RLBatch) -> (state, device metrics)
+    sft: Callable     # (state, host SFTBatch) -> (state, device metrics)
+    packing: Packing
+
+
+def train_state(c: RunConfig, params) -> tuple[TrainState, Any, Any]:
+    """(state, RL optimiser, SFT optimiser): params plus both AdamW states."""
+    rl_tx, sft_tx = make_optimizer(c.rl.optim()), make_optimizer(c.sft.optim())
+    if c.sft.share_optimizer:
+        sft_tx = rl_tx
+    return init_state(params, rl_tx, sft_tx, share_optimizer=c.sft.share_optimizer), rl_tx, sft_tx
+
+
+def make_steps(c: RunConfig, cfg: model.ModelConfig, state: TrainState, rl_tx, sft_tx, tok,
+               mesh) -> Steps:
+    """The two jitted steps, fed host batches that cross to the device in one place."""
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    rl_step = jit_step(rl_train_step, shardings, config=cfg, rl=c.rl, tx=rl_tx,
+                       schedule=make_schedule(c.rl.optim()),
+                       norm_len=c.rl.norm_len or c.rollout.max_response_len)
+    sft_step = jit_step(sft_train_step, shardings, config=cfg, sft=c.sft, tx=sft_tx,
+                        schedule=make_schedule(c.sft.optim()))
+    packing = Packing(micro_batch_size=c.rl.micro_batch_size, pad_id=tok.pad_token_id,
+                      batch_multiple=sharding.batch_divisor(mesh))
+    return Steps(rl=lambda s, b: rl_step(s, device_batch(b, mesh)),
+                 sft=lambda s, b: sft_step(s, device_batch(b, mesh)), packing=packing)
+
+
+def param_shardings_for(mesh) -> Callable:
+    return lambda cfg: sharding.tree_shardings(mesh, model.param_axes(cfg), model.param_shapes(cfg))

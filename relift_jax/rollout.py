@@ -1,0 +1,54 @@
+"""RL rollouts: sample with the model's stop ids, turn ids into the graded text, score, and the
+frozen reference's log-probs. The controller gets these as plain callables.
+
+Stopping and decoding follow `rollout_policy`, the same rules `relift_jax.evaluate` uses, so a
+response gets the same reward in RL as in evaluation.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from relift_jax import rollout_policy, sampler
+from relift_jax.batches import RLBatch
+from relift_jax.config import RolloutConfig
+from relift_jax.controller import Rollouts
+from relift_jax.model import ModelConfig
+from relift_jax.train_step import token_logprobs
+
+
+def make_sample_fn(cfg: ModelConfig, rollout: RolloutConfig, stop_ids: Sequence[int],
+                   pad_id: int, mesh) -> Callable:
+    """(params, prompt ids, G, seed) -> Rollouts of N*G rows, question by question."""
+    def sample(params, prompts, G: int, seed: int) -> Rollouts:
+        out = sampler.generate(cfg, params, prompts, max_new_tokens=rollout.max_response_len,
+                               temperature=rollout.temperature, top_p=rollout.top_p,
+                               top_k=rollout.top_k, eos_id=list(stop_ids), seed=seed,
+                               num_samples=G, pad_id=pad_id, mesh=mesh)
+        return Rollouts(out.tokens, out.logprobs, out.stopped)
+    return sample
+
+
+def make_score_fn(tokenizer, scorer, stop_ids: Sequence[int], math_reward: str) -> Callable:
+    """(response ids, ground truths, reward names) -> rewards; 'math' means `math_reward`."""
+    def score(token_lists, truths, reward_names):
+        texts = [rollout_policy.response_text(tokenizer, ids, stop_ids) for ids in token_lists]
+        names = [math_reward if r == "math" else r for r in reward_names]
+        return scorer.score(texts, truths, names)
+    return score
+
+
+def make_ref_logprobs_fn(cfg: ModelConfig, ref_params: Any) -> Callable[[RLBatch], np.ndarray]:
+    """A frozen copy of the start policy: batch -> token-aligned reference log-probs [M, b, T]."""
+    @jax.jit
+    def ref(params, tokens_MxbxT, valid_MxbxT):
+        return jax.lax.map(lambda tv: token_logprobs(cfg, params, tv[0], tv[1])[0],
+                           (tokens_MxbxT, valid_MxbxT))
+
+    def fn(batch: RLBatch) -> np.ndarray:
+        mb = batch.micro_batches
+        return np.asarray(ref(ref_params, jnp.asarray(mb.tokens_bxT), jnp.asarray(mb.valid_bxT)))
+    return fn
