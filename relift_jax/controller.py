@@ -164,6 +164,7 @@ class Controller:
         return state, metrics
 
     def _rl_iteration(self, state, metrics, timing) -> tuple[Any, list[int]]:
+        """Sample N x G, score, RL update(s); returns the state and this batch's hardest questions."""
         N, G = self.rollout.questions_per_iteration, self.rollout.group_size
         ids = self.cursor.next(N)
         self.counters["questions_seen"] += N
@@ -181,59 +182,18 @@ class Controller:
             ro.tokens, [q.ground_truth for q in qs for _ in range(G)],
             [q.reward for q in qs for _ in range(G)]), np.float32)
         timing["score"] = time.perf_counter() - t0
-
         pass_N = rewards_NG.reshape(N, G).mean(axis=1)
-        adv_NG = np.asarray(losses.group_advantages(rewards_NG, G,
-                                                    scale_by_std=self.rl.scale_adv_by_std))
-        lengths = np.array([len(t) for t in ro.tokens])
-        metrics.update({
-            "rollout/reward_mean": float(rewards_NG.mean()),
-            "rollout/solve_all_frac": float(np.mean(pass_N == 1.0)),
-            "rollout/solve_none_frac": float(np.mean(pass_N == 0.0)),
-            "rollout/response_len_mean": float(lengths.mean()),
-            "rollout/response_len_max": float(lengths.max()),
-            "rollout/truncated_frac": float(np.mean(~np.asarray(ro.stopped))),
-        })
-        levels = [q.level for q in qs]
-        if all(lv is not None for lv in levels):
-            for lv in sorted(set(levels)):
-                sel = [j for j, l in enumerate(levels) if l == lv]
-                metrics[f"rollout/pass_level{lv}"] = float(pass_N[sel].mean())
+        metrics.update(rollout_metrics(rewards_NG, pass_N, ro, [q.level for q in qs]))
 
         # Rows that train: all, or (dynamic filtering) only groups whose rewards differ.
-        keep_N = np.ones(N, bool)
-        if self.rl.dynamic_filter:
-            keep_N = (pass_N > 0) & (pass_N < 1)
+        keep_N = (pass_N > 0) & (pass_N < 1) if self.rl.dynamic_filter else np.ones(N, bool)
         rows = [j * G + g for j in range(N) if keep_N[j] for g in range(G)]
         metrics["rollout/kept_frac"] = len(rows) / (N * G)
-
+        adv_NG = np.asarray(losses.group_advantages(rewards_NG, G,
+                                                    scale_by_std=self.rl.scale_adv_by_std))
         t0 = time.perf_counter()
         if rows:
-            sft_batch = None
-            if self.phase() == "rl_with_sft_loss":
-                demo_qs = [i for i in ids if self.q[i].demo_ids is not None]
-                if demo_qs:
-                    self.demos_used.update(demo_qs)
-                    sft_batch = self._sft_batch(demo_qs)
-            n_mini = min(self.rl.num_mini_batches, len(rows))
-            rl_metrics, n_tok, n_seq = [], 0.0, 0.0
-            for chunk in np.array_split(np.asarray(rows), n_mini):
-                batch = pack_rl_batch([qs[r // G].prompt_ids for r in chunk],
-                                      [ro.tokens[r] for r in chunk],
-                                      [ro.logprobs[r] for r in chunk], adv_NG[chunk], self.packing)
-                if sft_batch is not None:
-                    batch = attach_sft(batch, sft_batch)
-                if self.ref_logprobs_fn is not None:
-                    batch = with_ref_logprobs(batch, self.ref_logprobs_fn(batch))
-                state, m = self.rl_step(state, batch)
-                rl_metrics.append(m)
-                n_tok, n_seq = n_tok + float(batch.num_tokens), n_seq + float(batch.num_seqs)
-                self.counters["rl_updates"] += 1
-            metrics.update(_mean_on_device(rl_metrics, "rl/"))
-            metrics.update({"rl/num_tokens": n_tok, "rl/num_seqs": n_seq})
-            # For the timing only: the next sampling needs these parameters anyway, so waiting here
-            # costs nothing (the step's scalars are still fetched one iteration late).
-            jax.block_until_ready(state)
+            state = self._rl_updates(state, ids, ro, adv_NG, rows, metrics)
         timing["rl"] = time.perf_counter() - t0
         metrics["perf/train_tokens_per_s"] = (
             sum(len(qs[r // G].prompt_ids) + len(ro.tokens[r]) for r in rows)
@@ -243,6 +203,38 @@ class Controller:
                    if pass_N[j] <= self.sft.hardest_max_pass_rate and self.q[i].demo_ids is not None]
         metrics["buffer/hardest_in_batch"] = len(hardest)
         return state, hardest
+
+    def _rl_updates(self, state, ids: list[int], ro: Rollouts, adv_NG: np.ndarray,
+                    rows: list[int], metrics: dict) -> Any:
+        """`num_mini_batches` RL steps over the kept rows (each with the SFT slice in mode
+        rl_with_sft_loss, and the reference log-probs with a KL penalty)."""
+        G = self.rollout.group_size
+        qs = [self.q[i] for i in ids]
+        sft_batch = None
+        if self.phase() == "rl_with_sft_loss":
+            demo_qs = [i for i in ids if self.q[i].demo_ids is not None]
+            if demo_qs:
+                self.demos_used.update(demo_qs)
+                sft_batch = self._sft_batch(demo_qs)
+        rl_metrics, n_tok, n_seq = [], 0.0, 0.0
+        for chunk in np.array_split(np.asarray(rows), min(self.rl.num_mini_batches, len(rows))):
+            batch = pack_rl_batch([qs[r // G].prompt_ids for r in chunk],
+                                  [ro.tokens[r] for r in chunk],
+                                  [ro.logprobs[r] for r in chunk], adv_NG[chunk], self.packing)
+            if sft_batch is not None:
+                batch = attach_sft(batch, sft_batch)
+            if self.ref_logprobs_fn is not None:
+                batch = with_ref_logprobs(batch, self.ref_logprobs_fn(batch))
+            state, m = self.rl_step(state, batch)
+            rl_metrics.append(m)
+            n_tok, n_seq = n_tok + float(batch.num_tokens), n_seq + float(batch.num_seqs)
+            self.counters["rl_updates"] += 1
+        metrics.update(_mean_on_device(rl_metrics, "rl/"))
+        metrics.update({"rl/num_tokens": n_tok, "rl/num_seqs": n_seq})
+        # For the timing only: the next sampling needs these parameters anyway, so waiting here
+        # costs nothing (the step's scalars are still fetched one iteration late).
+        jax.block_until_ready(state)
+        return state
 
     def _sft_batch(self, ids: list[int]):
         return pack_sft_batch([self.q[i].prompt_ids for i in ids],
@@ -268,6 +260,25 @@ class Controller:
         metrics["sft/num_seqs"] = float(len(ids))
         timing["sft"] = time.perf_counter() - t0
         return state, 1
+
+
+def rollout_metrics(rewards_NG: np.ndarray, pass_N: np.ndarray, ro: Rollouts,
+                    levels: Sequence[int | None]) -> dict[str, float]:
+    """Host scalars of one iteration's rollouts (rewards, solve rates, lengths, per level)."""
+    lengths = np.array([len(t) for t in ro.tokens])
+    out = {
+        "rollout/reward_mean": float(rewards_NG.mean()),
+        "rollout/solve_all_frac": float(np.mean(pass_N == 1.0)),
+        "rollout/solve_none_frac": float(np.mean(pass_N == 0.0)),
+        "rollout/response_len_mean": float(lengths.mean()),
+        "rollout/response_len_max": float(lengths.max()),
+        "rollout/truncated_frac": float(np.mean(~np.asarray(ro.stopped))),
+    }
+    if all(lv is not None for lv in levels):
+        for lv in sorted(set(levels)):
+            sel = [j for j, l in enumerate(levels) if l == lv]
+            out[f"rollout/pass_level{lv}"] = float(pass_N[sel].mean())
+    return out
 
 
 def _mean_on_device(step_metrics: list[dict], prefix: str) -> dict:

@@ -7,6 +7,7 @@ checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,6 +26,8 @@ from relift_jax.reward import RewardScorer
 
 # A non-finite value of any of these stops the run.
 WATCHED = ("rl/loss", "rl/grad_norm", "sft/loss", "sft/grad_norm")
+# Shown on the progress bar.
+SHOWN = ("rollout/reward_mean", "buffer/size", "rl/loss", "sft/loss", "eval/heldout/accuracy")
 
 
 class NonFiniteError(FloatingPointError):
@@ -56,16 +59,49 @@ def run(run_dir: str, configs: RunConfig, *, stop_after: int | None = None,
     """
     mesh = sharding.make_mesh(configs.mesh)
     with jax.set_mesh(mesh):  # for this run only: a second run in the same process starts clean
-        return _train(run_dir, configs, stop_after, operative_gin, mesh)
+        r = _set_up(run_dir, configs, operative_gin, mesh)
+        try:
+            _resume(r)
+            base_counts = (r.held.bucket_counts(r.state.params, "start")
+                           if configs.train.bucket_samples and r.held else None)
+            last_eval = _loop(r, stop_after)
+            summary = _finish(r, base_counts)
+            summary["eval"] = last_eval
+        finally:
+            r.close()
+    metrics.plot_curves(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "curves.png"),
+                        ("rollout/reward_mean", "eval/heldout/avg@1", "buffer/size",
+                         "buffer/sft_fired", "rl/entropy", "rollout/response_len_mean"))
+    return summary
 
 
-def _train(run_dir: str, c: RunConfig, stop_after, operative_gin, mesh) -> dict:
+@dataclasses.dataclass
+class _Run:
+    """What the loop works with: built once by `_set_up`."""
+
+    run_dir: str
+    c: RunConfig
+    cfg: Any                 # model.ModelConfig
+    tok: Any
+    state: Any               # train_step.TrainState
+    ctl: Controller
+    held: HeldOut
+    scorer: RewardScorer
+    writer: metrics.MetricsWriter
+    ckpt: checkpoint.Checkpointer
+
+    def close(self) -> None:
+        self.writer.close()
+        self.ckpt.close()
+        self.scorer.close()
+
+
+def _set_up(run_dir: str, c: RunConfig, operative_gin: str | None, mesh) -> _Run:
+    """Model, data (validated before any compilation), state, steps, rollouts, held-out, logs."""
     os.makedirs(run_dir, exist_ok=True)
     if operative_gin is not None and jax.process_index() == 0:
         with open(os.path.join(run_dir, "operative_config.gin"), "w") as f:
             f.write(operative_gin)
-
-    # --- set-up: model, data (validated before any compilation), state, steps
     cfg, params, tok, model_dir = build.load_model(c.model, build.param_shardings_for(mesh))
     d = build.load_data(c, tok, run_dir)
     state, rl_tx, sft_tx = build.train_state(c, params)
@@ -84,85 +120,82 @@ def _train(run_dir: str, c: RunConfig, stop_after, operative_gin, mesh) -> dict:
     writer = metrics.MetricsWriter(run_dir)
     held = HeldOut(run_dir=run_dir, model_cfg=cfg, tokenizer=tok, examples=d.heldout, train=c.train,
                    rollout=c.rollout, scorer=scorer, stop_ids=stops, mesh=mesh, writer=writer)
+    writer.scalars(0, {"data/train_questions": len(d.questions),
+                       "data/with_demonstration": len(ctl.demo_ids),
+                       "data/dropped_long_prompts": d.dropped})
+    return _Run(run_dir, c, cfg, tok, state, ctl, held, scorer, writer,
+                checkpoint.Checkpointer(run_dir, keep=c.train.keep_checkpoints))
 
-    # --- checkpoint: resume when the run directory has one
-    ckpt = checkpoint.Checkpointer(run_dir, keep=c.train.keep_checkpoints)
-    latest = ckpt.latest() if c.train.resume else None
-    if latest is not None:
-        state, saved = ckpt.restore(latest, state)
-        ctl.load_state_dict(saved["controller"])
-        held.best = saved["best"]
-        print(f"resumed from {ckpt.dir}/{latest} (iteration {ctl.iteration})")
-    writer.scalars(ctl.iteration, {"data/train_questions": len(d.questions),
-                                   "data/with_demonstration": len(ctl.demo_ids),
-                                   "data/dropped_long_prompts": d.dropped})
-    base_counts = (held.bucket_counts(state.params, "start")
-                   if c.train.bucket_samples and held else None)
 
-    # --- the loop
-    t = c.train
+def _resume(r: _Run) -> None:
+    """Continues from the run directory's latest checkpoint, if any (TrainConfig.resume)."""
+    latest = r.ckpt.latest() if r.c.train.resume else None
+    if latest is None:
+        return
+    r.state, saved = r.ckpt.restore(latest, r.state)
+    r.ctl.load_state_dict(saved["controller"])
+    r.held.best = saved["best"]
+    print(f"resumed from {r.ckpt.dir}/{latest} (iteration {r.ctl.iteration})")
+
+
+def _fetch(r: _Run, it: int, m_device: dict) -> dict[str, float]:
+    """One iteration's metrics to the host, checked for non-finite losses and gradient norms."""
+    m = {k: float(v) for k, v in jax.device_get(m_device).items()}
+    check_finite(it, m, r.ckpt.latest())
+    return m
+
+
+def _loop(r: _Run, stop_after: int | None) -> dict[str, float]:
+    """The iterations; returns the last evaluation's scalars."""
+    t, ctl = r.c.train, r.ctl
     end = t.iterations if stop_after is None else min(t.iterations, ctl.iteration + stop_after)
     bar = tqdm(total=t.iterations, initial=ctl.iteration, desc=t.mode, dynamic_ncols=True,
                disable=jax.process_index() != 0)
-    pending: tuple[int, dict] | None = None  # the last iteration's metrics, still on the device
-    last_eval: dict[str, float] = {}
-
-    def fetch(p) -> dict[str, float]:  # one iteration's metrics to the host, checked
-        m = {k: float(v) for k, v in jax.device_get(p[1]).items()}
-        check_finite(p[0], m, ckpt.latest())
-        return m
 
     def write(it: int, m: dict[str, float]) -> None:
-        writer.scalars(it, m)
-        bar.set_postfix({k.split("/")[-1]: f"{m[k]:.3g}" for k in (
-            "rollout/reward_mean", "buffer/size", "rl/loss", "sft/loss",
-            "eval/heldout/accuracy") if k in m})
+        r.writer.scalars(it, m)
+        bar.set_postfix({k.split("/")[-1]: f"{m[k]:.3g}" for k in SHOWN if k in m})
 
-    if ctl.iteration == 0 and t.eval_every and held:  # the starting point of every eval curve
-        writer.scalars(0, held.curve_point(state.params, 0))
+    if ctl.iteration == 0 and t.eval_every and r.held:  # the starting point of every eval curve
+        r.writer.scalars(0, r.held.curve_point(r.state.params, 0))
+    pending: tuple[int, dict] | None = None  # the last iteration's metrics, still on the device
+    last_eval: dict[str, float] = {}
     while ctl.iteration < end:
         t0 = time.perf_counter()
-        state, m = ctl.step(state)
+        r.state, m = ctl.step(r.state)
         it = ctl.iteration  # iterations done
         m.update({"perf/iteration_s": time.perf_counter() - t0,
-                  "perf/reward_timeouts": scorer.num_timeouts})
+                  "perf/reward_timeouts": r.scorer.num_timeouts})
         if pending is not None:  # the previous iteration's scalars: long done on the device
-            write(pending[0], fetch(pending))
+            write(pending[0], _fetch(r, *pending))
         pending = (it, m)
         evaluate_now = t.eval_every and it % t.eval_every == 0 or it == t.iterations
         save_now = t.save_every and it % t.save_every == 0 or it == t.iterations
         if evaluate_now or save_now:  # never evaluate, export or save an unchecked state
-            m, pending = fetch(pending), None
+            m, pending = _fetch(r, it, m), None
             if evaluate_now:
-                last_eval = held.curve_point(state.params, it)
-                held.maybe_export_best(state.params, it, last_eval)
+                last_eval = r.held.curve_point(r.state.params, it)
+                r.held.maybe_export_best(r.state.params, it, last_eval)
                 m.update(last_eval)
             write(it, m)
             if save_now:
-                ckpt.save(it, state, {"controller": ctl.state_dict(), "best": held.best})
-            writer.flush()
+                r.ckpt.save(it, r.state, {"controller": ctl.state_dict(), "best": r.held.best})
+            r.writer.flush()
         bar.update(1)
     if pending is not None:
-        write(pending[0], fetch(pending))
+        write(pending[0], _fetch(r, *pending))
     bar.close()
-    summary = _finish(run_dir, c, ctl, held, state, cfg, tok, base_counts)
-    summary["eval"] = last_eval
-    writer.close()
-    ckpt.close()
-    scorer.close()
-    metrics.plot_curves(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "curves.png"),
-                        ("rollout/reward_mean", "eval/heldout/avg@1", "buffer/size",
-                         "buffer/sft_fired", "rl/entropy", "rollout/response_len_mean"))
-    return summary
+    return last_eval
 
 
-def _finish(run_dir, c: RunConfig, ctl, held: HeldOut, state, cfg, tok, base_counts) -> dict:
+def _finish(r: _Run, base_counts) -> dict:
     """At the last iteration: the final export and the start-vs-final bucket table."""
+    run_dir, c, ctl, held, state = r.run_dir, r.c, r.ctl, r.held, r.state
     summary: dict[str, Any] = {"iterations": ctl.iteration, "best": held.best}
     if ctl.iteration < c.train.iterations:
         return summary
-    checkpoint.export_hf(cfg, state.params, os.path.join(run_dir, "export", "final"),
-                         tokenizer=tok, info={"iteration": ctl.iteration})
+    checkpoint.export_hf(r.cfg, state.params, os.path.join(run_dir, "export", "final"),
+                         tokenizer=r.tok, info={"iteration": ctl.iteration})
     if base_counts is None:
         return summary
     rows, table = held.bucket_table(base_counts, state.params)

@@ -157,22 +157,25 @@ def test_same_response_same_reward_in_rl_and_evaluation(tmp_path):
 
 # ----------------------------------------------------------------------------- fail loudly
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    """An absurd RL learning rate overflows the weights: the run stops at the first iteration
-    whose loss or gradient norm is not finite, names it, and never saves over the good state."""
+@pytest.mark.parametrize("kind", ["rl", "sft"])
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, kind):
+    """An absurd learning rate overflows the weights: the run stops at the first iteration whose
+    loss or gradient norm is not finite, names it and the step, and never saves over the good
+    state."""
     from relift_jax.train import NonFiniteError
     run_dir = tmp_path / "r"
+    cfg = "RLConfig" if kind == "rl" else "SFTConfig"
     with pytest.raises(NonFiniteError) as e:
-        main.main([f"--gin_file={GIN}", f"--run_dir={run_dir}", "--gin.TrainConfig.mode='rl'",
-                   "--gin.RLConfig.learning_rate=1e30", "--gin.RLConfig.entropy_coef=1.0",
-                   "--gin.RLConfig.num_mini_batches=1",
+        main.main([f"--gin_file={GIN}", f"--run_dir={run_dir}", f"--gin.TrainConfig.mode='{kind}'",
+                   f"--gin.{cfg}.learning_rate=1e30", f"--gin.{cfg}.entropy_coef=1.0",
+                   "--gin.RLConfig.num_mini_batches=1",  # one update per iteration
                    "--gin.TrainConfig.iterations=6", "--gin.TrainConfig.save_every=1",
                    "--gin.TrainConfig.eval_every=0"])
     msg = str(e.value)
-    rows = [r for r in read_jsonl(str(run_dir / "metrics.jsonl")) if "rl/loss" in r]
+    rows = [r for r in read_jsonl(str(run_dir / "metrics.jsonl")) if f"{kind}/loss" in r]
     bad = len(rows) + 1  # every written iteration was finite; the next one was not
-    assert all(np.isfinite(r["rl/loss"]) and np.isfinite(r["rl/grad_norm"]) for r in rows)
-    assert f"iteration {bad}:" in msg and "RL step" in msg and "tokens" in msg, msg
+    assert all(np.isfinite(r[f"{kind}/loss"]) and np.isfinite(r[f"{kind}/grad_norm"]) for r in rows)
+    assert f"iteration {bad}:" in msg and f"{kind.upper()} step" in msg and "tokens" in msg, msg
     saved = sorted(int(d) for d in os.listdir(run_dir / "checkpoints") if d.isdigit())
     assert saved and max(saved) == bad - 1, (saved, msg)
     assert f"last good checkpoint (iteration {bad - 1})" in msg
