@@ -6,7 +6,8 @@ top_p 1.0, up to 8192 new tokens, system prompt removed, generation prompt endin
 "<think>\\n", math-verify on the text after "</think>". Where a response stops and which of its
 text is graded follow relift_jax.rollout_policy, as for RL rollouts.
 
-The benchmarks live in relift_jax.benchmarks, the resumable responses.jsonl in relift_jax.records.
+The benchmarks live in relift_jax.benchmarks, the resumable responses.jsonl in relift_jax.records,
+the metrics, summary and table (EvalResult) in relift_jax.eval_summary.
 
 CLI: python -m relift_jax.evaluate --checkpoint=PATH [--benchmarks=aime24,math500] [--samples=N]
     [--max_new_tokens=N] [--limit=N] [--output_dir=DIR] [--gin_file=F ...] [--gin.X=Y ...]
@@ -18,11 +19,8 @@ Shape key: N questions in a batch, G samples per question, B = N * G sampler row
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import sys
 import time
@@ -33,11 +31,11 @@ import numpy as np
 
 from relift_jax import data, rollout_policy
 from relift_jax.config import ConfigError
-from relift_jax.benchmarks import (BENCHMARKS, MATH_BENCHMARKS, OOD_BENCHMARKS, Question,
-                                   check_benchmark_names, resolve_suites)
+from relift_jax.benchmarks import BENCHMARKS, Question, check_benchmark_names, resolve_suites
 from relift_jax.data import Example
-from relift_jax.records import RecordStore, batch_seed, plan_batches
-from relift_jax.reward import pass_at_k  # the unbiased estimator, per question
+from relift_jax.eval_summary import EvalResult, format_table, summarize
+from relift_jax.records import (RecordStore, batch_seed, expected_rows, fingerprint,
+                                plan_batches)
 
 DEFAULT_PASS_K = (1, 8, 16, 32)
 
@@ -138,142 +136,6 @@ class EvalSettings:
 
 
 # ---------------------------------------------------------------------------------------------
-# Aggregation
-# ---------------------------------------------------------------------------------------------
-
-
-def suite_metrics(scores_NxG: np.ndarray, lengths_NxG: np.ndarray, truncated_NxG: np.ndarray,
-                  pass_k: Sequence[int]) -> dict:
-    """Metrics of one suite from its per-response arrays (questions x samples).
-
-    accuracy = mean score over all responses (avg@G). pass@k: the unbiased estimator per question,
-    then averaged over questions; a response counts as correct with full credit (score >= 1).
-
-    Returns:
-        dict with questions, samples, accuracy, "avg@G", "pass@k" for each k <= G, mean_length,
-        truncated_frac.
-    """
-    n_q, g = scores_NxG.shape
-    out: dict[str, Any] = {"questions": int(n_q), "samples": int(g)}
-    if n_q == 0:
-        out.update(accuracy=None, mean_length=None, truncated_frac=None)
-        return out
-    accuracy = float(np.mean(scores_NxG, dtype=np.float64))
-    out["accuracy"] = accuracy
-    out[f"avg@{g}"] = accuracy
-    correct_N = np.sum(scores_NxG >= 1.0, axis=1)
-    for k in pass_k:
-        if k <= g:
-            out[f"pass@{k}"] = float(np.mean([pass_at_k(g, int(c), k) for c in correct_N]))
-    out["mean_length"] = float(np.mean(lengths_NxG, dtype=np.float64))
-    out["truncated_frac"] = float(np.mean(truncated_NxG, dtype=np.float64))
-    return out
-
-
-def _mean_of(suites: Mapping[str, dict], names: Sequence[str]) -> float | None:
-    vals = [suites[n]["accuracy"] for n in names
-            if n in suites and suites[n].get("accuracy") is not None]
-    return float(np.mean(vals)) if vals else None
-
-
-def format_table(summary: Mapping) -> str:
-    """Markdown table of a summary: accuracy (%), pass@k (%), lengths; no timings, so that a
-    resumed run's table equals an uninterrupted one's."""
-    lines = ["| suite | questions | samples | accuracy | pass@k | mean length | truncated "
-             "| dropped |", "|---|---|---|---|---|---|---|---|"]
-
-    def pct(x: float | None) -> str:
-        return "-" if x is None else f"{100 * x:.1f}"
-
-    for name, m in summary["suites"].items():
-        g = m["samples"]
-        acc = "-" if m.get("accuracy") is None else f"{pct(m['accuracy'])} (avg@{g})"
-        ks = sorted(int(key[5:]) for key in m if key.startswith("pass@") and int(key[5:]) > 1)
-        pk = ", ".join(f"@{k} {pct(m[f'pass@{k}'])}" for k in ks) or "-"
-        length = "-" if m.get("mean_length") is None else f"{m['mean_length']:.0f}"
-        lines.append(f"| {name} | {m['questions']} | {g} | {acc} | {pk} | {length} | "
-                     f"{pct(m.get('truncated_frac'))}% | {m.get('dropped', 0)} |")
-    for key, label, group in (("math_avg", "math avg", MATH_BENCHMARKS),
-                              ("ood_avg", "OOD avg", OOD_BENCHMARKS)):
-        if summary.get(key) is not None:
-            present = [n for n in group if n in summary["suites"]]
-            lines.append(f"| **{label}** ({', '.join(present)}) | | | **{pct(summary[key])}** "
-                         f"| | | | |")
-    return "\n".join(lines) + "\n"
-
-
-@dataclasses.dataclass
-class EvalResult:
-    """What evaluate() returns.
-
-    Attributes:
-        summary: {"suites": {suite: metrics}, "math_avg", "ood_avg", "settings", "timing"}; only
-            "timing" (tokens/s, seconds, batches resumed) differs between a resumed run and an
-            uninterrupted one.
-        table_md: the markdown table (no timings).
-        records: one dict per response, ordered by suite, question, sample.
-        per_question: one dict per question: suite, question, data_source, source_index, n,
-            correct (full-credit responses), score_sum, mean_length.
-    """
-
-    summary: dict
-    table_md: str
-    records: list[dict]
-    per_question: list[dict]
-
-    def metrics(self, prefix: str = "eval") -> dict[str, float]:
-        """Flat scalars for a metrics writer: `eval/aime24/avg@32`, `eval/math_avg`, ..."""
-        out = {}
-        for suite, m in self.summary["suites"].items():
-            for key, value in m.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    out[f"{prefix}/{suite}/{key}"] = float(value)
-        for key in ("math_avg", "ood_avg"):
-            if self.summary.get(key) is not None:
-                out[f"{prefix}/{key}"] = float(self.summary[key])
-        tps = self.summary.get("timing", {}).get("tokens_per_s")
-        if tps is not None:
-            out[f"{prefix}/tokens_per_s"] = float(tps)
-        return out
-
-
-def summarize(questions: Mapping[str, Sequence[Question]], records: Sequence[dict],
-              settings: EvalSettings, dropped: Mapping[str, int]) -> tuple[dict, list[dict]]:
-    """Summary and per-question rows from the response records (pure: no timings).
-
-    Returns:
-        (summary without "timing", per_question).
-    """
-    by_q: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
-    for r in records:
-        by_q[(r["suite"], r["question"])].append(r)
-    suites, per_question = {}, []
-    for suite, qs in questions.items():
-        g = settings.samples_for(suite)
-        done = [q for q in qs if (suite, q.qid) in by_q]
-        shape = (len(done), g)
-        scores, lengths, trunc = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-        for i, q in enumerate(done):
-            rows = sorted(by_q[(suite, q.qid)], key=lambda r: r["sample"])
-            if len(rows) != g:
-                raise RuntimeError(f"suite {suite!r} question {q.qid}: {len(rows)} responses, "
-                                   f"expected {g}")
-            scores[i] = [r["score"] for r in rows]
-            lengths[i] = [r["length"] for r in rows]
-            trunc[i] = [r["truncated"] for r in rows]
-            per_question.append({
-                "suite": suite, "question": q.qid, "data_source": q.example.data_source,
-                "source_index": q.example.index, "n": g, "correct": int(np.sum(scores[i] >= 1.0)),
-                "score_sum": float(np.sum(scores[i])), "mean_length": float(np.mean(lengths[i]))})
-        m = suite_metrics(scores, lengths, trunc, settings.pass_k)
-        m["dropped"] = int(dropped.get(suite, 0))
-        suites[suite] = m
-    summary = {"suites": suites, "math_avg": _mean_of(suites, MATH_BENCHMARKS),
-               "ood_avg": _mean_of(suites, OOD_BENCHMARKS), "settings": settings.to_dict()}
-    return summary, per_question
-
-
-# ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 
@@ -304,34 +166,23 @@ def evaluate(config: Any, params: Any, tokenizer: Any,
         EvalResult.
     """
     questions = resolve_suites(suites, settings.limit)  # bad names fail before any compilation
-    stops = tuple(int(i) for i in (rollout_policy.stop_ids(tokenizer) if stop_ids is None
-                                   else stop_ids))
-    if not stops:
-        raise ValueError("evaluate: stop_ids must name at least one token id (EOS first)")
-    want = settings.require_think_close
-    if scorer is not None and getattr(scorer, "require_think_close", want) != want:
-        raise ValueError(f"scorer.require_think_close={scorer.require_think_close} but "
-                         f"EvalSettings.require_think_close={want}")
-    if generate_fn is None:
-        from relift_jax.sampler import generate as generate_fn
-    sample = functools.partial(
-        generate_fn, config, params, max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-        eos_id=stops[0], stop_ids=list(stops[1:]), mesh=mesh,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0])
+    stops = _stop_ids(tokenizer, stop_ids)
+    _check_scorer(scorer, settings)
+    sample = _sampler(config, params, tokenizer, settings, stops, mesh, generate_fn)
     questions, prompt_ids, plans, dropped = _encode_and_plan(tokenizer, questions, settings)
     store, own_scorer, bar = RecordStore(output_dir), scorer is None, None
     try:
         records, finished = store.open(
-            _fingerprint(config, settings, questions, prompt_ids, plans, stops),
-            _expected_rows(questions, plans, settings))
+            fingerprint(config, settings, questions, prompt_ids, plans, stops),
+            expected_rows(questions, plans, settings))
         todo = {s: [(b, [questions[s][i] for i in pos], [prompt_ids[s][i] for i in pos])
                     for b, pos in enumerate(plan) if (s, b) not in finished]
                 for s, plan in plans.items()}
         if own_scorer and any(todo.values()):  # a fully resumed run never starts reward workers
             from relift_jax.reward import RewardScorer
 
-            scorer = RewardScorer(num_workers=settings.reward_workers, require_think_close=want,
+            scorer = RewardScorer(num_workers=settings.reward_workers,
+                                  require_think_close=settings.require_think_close,
                                   timeout_s=settings.reward_timeout_s)
         timing = {"sampling_s": 0.0, "generated_tokens": 0, "batches_run": 0,
                   "batches_resumed": len(finished), "suites": {}}
@@ -348,6 +199,37 @@ def evaluate(config: Any, params: Any, tokenizer: Any,
             scorer.close()
     timing["reward_timeouts"] = int(getattr(scorer, "num_timeouts", 0))
     return _finish(questions, records, settings, dropped, timing, store)
+
+
+def _stop_ids(tokenizer: Any, stop_ids: Sequence[int] | None) -> tuple[int, ...]:
+    """The ids that end a response, EOS first: `stop_ids`, else rollout_policy's for the
+    tokenizer."""
+    stops = tuple(int(i) for i in (rollout_policy.stop_ids(tokenizer) if stop_ids is None
+                                   else stop_ids))
+    if not stops:
+        raise ValueError("evaluate: stop_ids must name at least one token id (EOS first)")
+    return stops
+
+
+def _check_scorer(scorer: Any, settings: EvalSettings) -> None:
+    """A given scorer must apply the same `</think>` format gate as the settings ask for."""
+    want = settings.require_think_close
+    if scorer is not None and getattr(scorer, "require_think_close", want) != want:
+        raise ValueError(f"scorer.require_think_close={scorer.require_think_close} but "
+                         f"EvalSettings.require_think_close={want}")
+
+
+def _sampler(config: Any, params: Any, tokenizer: Any, settings: EvalSettings,
+             stops: tuple[int, ...], mesh: Any, generate_fn: Callable | None) -> Callable:
+    """`sample(prompts, seed=, num_samples=)`: generate_fn (default relift_jax.sampler.generate)
+    with the model, the sampling rule and the stop ids bound."""
+    if generate_fn is None:
+        from relift_jax.sampler import generate as generate_fn
+    return functools.partial(
+        generate_fn, config, params, max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+        eos_id=stops[0], stop_ids=list(stops[1:]), mesh=mesh,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0])
 
 
 def _run_suite(suite: str, todo: Sequence[tuple[int, list[Question], list[list[int]]]],
@@ -445,34 +327,6 @@ def _batch_records(tokenizer: Any, suite: str, batch: int, batch_qs: Sequence[Qu
              "score": float(score), "length": int(length), "truncated": not bool(stopped)}
             for (q, s), text, score, length, stopped
             in zip(rows, texts, scores, out.lengths, out.stopped)]
-
-
-def _expected_rows(questions: Mapping[str, list[Question]], plans: Mapping,
-                   settings: EvalSettings) -> dict[tuple[str, int], set[tuple[int, int]]]:
-    """The (question, sample) pairs each planned batch holds when finished."""
-    return {(suite, b): {(questions[suite][i].qid, s) for i in positions
-                         for s in range(settings.samples_for(suite))}
-            for suite, plan in plans.items() for b, positions in enumerate(plan)}
-
-
-def _fingerprint(config: Any, settings: EvalSettings, questions: Mapping[str, list[Question]],
-                 prompt_ids: Mapping[str, list[list[int]]], plans: Mapping,
-                 stops: Sequence[int]) -> dict:
-    """What must match for a resume: settings, model architecture, prompts, batch plans and stop
-    ids. The weights themselves are not hashed (too slow); a new checkpoint needs a new
-    output_dir."""
-    settings_d = settings.to_dict()
-    settings_d.pop("reward_workers")  # does not change any result
-    model = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
-    suites = {}
-    for suite, qs in questions.items():
-        h = hashlib.sha256(json.dumps([[q.qid, q.example.ground_truth] for q in qs]).encode())
-        h.update(json.dumps(prompt_ids[suite]).encode())
-        h.update(json.dumps(plans[suite]).encode())
-        suites[suite] = {"questions": len(qs), "batches": len(plans[suite]),
-                         "samples": settings.samples_for(suite), "sha256": h.hexdigest()}
-    return {"settings": settings_d, "model": json.loads(json.dumps(model, default=str)),
-            "stop_ids": list(stops), "suites": suites}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,11 +11,16 @@ holding another evaluation's responses is refused, never mixed in.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # evaluate imports this module; these types are only read here
+    from relift_jax.benchmarks import Question
+    from relift_jax.evaluate import EvalSettings
 
 RESPONSES_FILE = "responses.jsonl"
 SUMMARY_JSON = "summary.json"
@@ -37,6 +42,34 @@ def plan_batches(prompt_lens: Sequence[int], samples: int, batch_size: int) -> l
     order = sorted(range(len(prompt_lens)), key=lambda i: (prompt_lens[i], i))
     per = max(1, batch_size // samples)
     return [order[i:i + per] for i in range(0, len(order), per)]
+
+
+def expected_rows(questions: Mapping[str, list[Question]], plans: Mapping,
+                  settings: EvalSettings) -> dict[tuple[str, int], set[tuple[int, int]]]:
+    """The (question, sample) pairs each planned batch holds when finished."""
+    return {(suite, b): {(questions[suite][i].qid, s) for i in positions
+                         for s in range(settings.samples_for(suite))}
+            for suite, plan in plans.items() for b, positions in enumerate(plan)}
+
+
+def fingerprint(config: Any, settings: EvalSettings, questions: Mapping[str, list[Question]],
+                prompt_ids: Mapping[str, list[list[int]]], plans: Mapping,
+                stops: Sequence[int]) -> dict:
+    """What must match for a resume: settings, model architecture, prompts, batch plans and stop
+    ids. The weights themselves are not hashed (too slow); a new checkpoint needs a new
+    output_dir."""
+    settings_d = settings.to_dict()
+    settings_d.pop("reward_workers")  # does not change any result
+    model = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
+    suites = {}
+    for suite, qs in questions.items():
+        h = hashlib.sha256(json.dumps([[q.qid, q.example.ground_truth] for q in qs]).encode())
+        h.update(json.dumps(prompt_ids[suite]).encode())
+        h.update(json.dumps(plans[suite]).encode())
+        suites[suite] = {"questions": len(qs), "batches": len(plans[suite]),
+                         "samples": settings.samples_for(suite), "sha256": h.hexdigest()}
+    return {"settings": settings_d, "model": json.loads(json.dumps(model, default=str)),
+            "stop_ids": list(stops), "suites": suites}
 
 
 class RecordStore:

@@ -20,7 +20,7 @@ import pytest
 
 from hf_fixtures import CHATML_TEMPLATE, make_byte_tokenizer, make_qwen25_style_folder
 from relift_jax import benchmarks as bm
-from relift_jax import data
+from relift_jax import data, eval_summary
 from relift_jax import evaluate as ev
 from relift_jax import records as rec
 from relift_jax.data import Example
@@ -188,8 +188,8 @@ def test_pass_at_k_aggregation_matches_closed_form():
     assert closed_form(4, 1, 2) == 0.5
     # Four questions with 4 samples each: 1, 2, 0 and 4 correct.
     scores = np.array([[1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], float)
-    m = ev.suite_metrics(scores, np.full(scores.shape, 10), np.zeros(scores.shape, bool),
-                         pass_k=(1, 2, 3, 8))
+    m = eval_summary.suite_metrics(scores, np.full(scores.shape, 10),
+                                   np.zeros(scores.shape, bool), pass_k=(1, 2, 3, 8))
     per_q = {k: [closed_form(4, c, k) for c in (1, 2, 0, 4)] for k in (1, 2, 3)}
     assert per_q[2] == [0.5, 5 / 6, 0.0, 1.0]
     for k in (1, 2, 3):
@@ -199,7 +199,8 @@ def test_pass_at_k_aggregation_matches_closed_form():
     assert m["pass@1"] == pytest.approx(m["accuracy"])
     assert (m["questions"], m["samples"], m["mean_length"], m["truncated_frac"]) == (4, 4, 10, 0)
     # Partial credit counts toward accuracy but not as a correct sample for pass@k.
-    m = ev.suite_metrics(np.array([[0.5, 1.0]]), np.ones((1, 2)), np.array([[True, False]]), (1, 2))
+    m = eval_summary.suite_metrics(np.array([[0.5, 1.0]]), np.ones((1, 2)),
+                                   np.array([[True, False]]), (1, 2))
     assert (m["accuracy"], m["pass@1"], m["pass@2"], m["truncated_frac"]) == (0.75, 0.5, 1.0, 0.5)
 
 
