@@ -38,9 +38,10 @@ def decoder_ulps(config, T: int, *, backward: bool = False) -> float:
     return (2 if backward else 1) * chain_ulps(K, 6 * config.num_layers + 1)
 
 
-def assert_close(actual, desired, *, ulps: float, scale: float | None = None,
+def assert_close(actual, desired, *, ulps: float, scale: float | None = None, atol: float = 0.0,
                  err_msg: str = "") -> None:
-    """max|actual - desired| <= ulps * eps32 * scale, where scale defaults to max|desired|.
+    """max|actual - desired| <= ulps * eps32 * scale + atol, scale defaulting to max|desired|
+    (atol: a further float32 rounding the caller derives, e.g. of storing a sum).
 
     The message gives the error in units of eps32 * scale, so a near miss shows how near.
     """
@@ -50,9 +51,9 @@ def assert_close(actual, desired, *, ulps: float, scale: float | None = None,
     if scale is None:
         scale = float(np.abs(desired).max()) if desired.size else 0.0
     err = float(np.abs(actual - desired).max()) if desired.size else 0.0
-    bound = ulps * EPS32 * scale
+    bound = ulps * EPS32 * scale + atol
     assert err <= bound, (f"{err_msg}: max error {err:.3g} = {err / (EPS32 * scale):.1f} eps32 * "
-                          f"scale {scale:.3g}, allowed {ulps:.1f}")
+                          f"scale {scale:.3g}, allowed {ulps:.1f} (+ atol {atol:.3g})")
 
 
 def assert_trees_close(actual, desired, *, ulps: float) -> None:
