@@ -17,7 +17,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
-from relift_jax import data
+from relift_jax import data, gsm8k
 from relift_jax.data import Example
 
 BENCHMARK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
@@ -82,7 +82,7 @@ def benchmark_path(file: str) -> str:
 def _gsm8k_examples(path: str) -> list[Example]:
     """GSM8K test rows -> Examples, on the fly: ground truth = the number after "####" without
     thousands separators; prompt = question + the boxed-answer instruction (as in
-    data.convert_gsm8k)."""
+    gsm8k.convert_gsm8k)."""
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     out = []
@@ -95,7 +95,7 @@ def _gsm8k_examples(path: str) -> list[Example]:
         question = str(row.get("question", "")).strip()
         if not truth or not question:
             raise data.DataError(f"{path}: row {i}: empty 'question' or final answer")
-        messages = ({"role": "user", "content": question + data.GSM8K_INSTRUCTION},)
+        messages = ({"role": "user", "content": question + gsm8k.GSM8K_INSTRUCTION},)
         out.append(Example(i, messages, truth, None, "gsm8k", "math", {}))
     return out
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from relift_jax import data
+from relift_jax import data, data_sources, encoding, gsm8k
 from relift_jax.data import DataCursor, DataError, Example
 
 SHARED = os.environ.get("RELIFT_SHARED_DATA", os.path.join(
@@ -401,9 +401,9 @@ def test_missing_and_unrecognised_sources(tmp_path):
 
 def test_literal_path_with_separator_wins(tmp_path):
     path = write_jsonl(tmp_path / "odd::name.jsonl", FOLDER_ROWS)
-    assert data.split_data_spec(path) == (path, None)
+    assert data_sources.split_data_spec(path) == (path, None)
     assert len(data.load_examples(path)) == 3
-    assert data.split_data_spec("C:\\data\\gsm8k::test") == ("C:\\data\\gsm8k", "test")
+    assert data_sources.split_data_spec("C:\\data\\gsm8k::test") == ("C:\\data\\gsm8k", "test")
 
 
 def test_real_benchmark_through_dataset_folders(tmp_path, offline):
@@ -445,13 +445,13 @@ def test_render_prompt(tokenizer):
     full = ("<|im_start|>system\nBe careful.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n"
             "<|im_start|>assistant\n")
     no_sys = "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"
-    assert data.render_prompt(tokenizer, MSGS) == full + "<think>\n"
-    assert data.render_prompt(tokenizer, MSGS, think_prefix=False) == full
-    assert data.render_prompt(tokenizer, MSGS, keep_system_prompt=False) == no_sys + "<think>\n"
-    assert data.render_prompt(tokenizer, list(MSGS), keep_system_prompt=False,
+    assert encoding.render_prompt(tokenizer, MSGS) == full + "<think>\n"
+    assert encoding.render_prompt(tokenizer, MSGS, think_prefix=False) == full
+    assert encoding.render_prompt(tokenizer, MSGS, keep_system_prompt=False) == no_sys + "<think>\n"
+    assert encoding.render_prompt(tokenizer, list(MSGS), keep_system_prompt=False,
                               think_prefix=False) == no_sys
     with pytest.raises(ValueError, match="no messages"):
-        data.render_prompt(tokenizer, MSGS[:1], keep_system_prompt=False)
+        encoding.render_prompt(tokenizer, MSGS[:1], keep_system_prompt=False)
 
 
 def _ex(i: int, question: str) -> Example:
@@ -563,7 +563,7 @@ GSM_SUFFIX = "\nLet's think step by step and output the final answer within \\bo
 def test_convert_gsm8k_handmade(tmp_path):
     src = write_jsonl(tmp_path / "gsm.jsonl", GSM_RAW)
     dst = str(tmp_path / "out" / "gsm.jsonl")
-    assert data.convert_gsm8k(src, dst) == 2
+    assert gsm8k.convert_gsm8k(src, dst) == 2
     rows = [json.loads(line) for line in open(dst)]
     assert rows[1] == {
         "prompt": [{"role": "user",
@@ -583,7 +583,7 @@ def test_convert_gsm8k_handmade(tmp_path):
                                      "Tom has 3 bags of 2 apples. How many apples?" + GSM_SUFFIX},)
 
     kept = str(tmp_path / "kept.parquet")
-    assert data.convert_gsm8k(src, kept, strip_calculator=False, limit=1) == 1
+    assert gsm8k.convert_gsm8k(src, kept, strip_calculator=False, limit=1) == 1
     (ex,) = data.load_examples(kept)
     assert ex.demonstration.startswith("<think>\nHe has 3*2 = <<3*2=6>>6 apples.\n</think>")
 
@@ -591,10 +591,10 @@ def test_convert_gsm8k_handmade(tmp_path):
 def test_convert_gsm8k_errors_and_cli(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", GSM_RAW + [{"question": "q", "answer": "no marker"}])
     with pytest.raises(DataError, match=r"bad\.jsonl: row 2: field 'answer': .*'####"):
-        data.convert_gsm8k(bad, str(tmp_path / "o.jsonl"))
+        gsm8k.convert_gsm8k(bad, str(tmp_path / "o.jsonl"))
     assert not os.path.exists(tmp_path / "o.jsonl")
     with pytest.raises(ValueError, match=r"\.jsonl or \.parquet"):
-        data.convert_gsm8k(bad, str(tmp_path / "o.csv"))
+        gsm8k.convert_gsm8k(bad, str(tmp_path / "o.csv"))
 
     src = write_jsonl(tmp_path / "gsm.jsonl", GSM_RAW)
     dst = str(tmp_path / "cli.parquet")
@@ -608,7 +608,7 @@ def test_convert_real_gsm8k_first_50(tmp_path):
     if not os.path.exists(src):
         pytest.skip(f"{src} not present")
     dst = str(tmp_path / "gsm8k50.parquet")
-    assert data.convert_gsm8k(src, dst, limit=50) == 50
+    assert gsm8k.convert_gsm8k(src, dst, limit=50) == 50
     examples = data.load_examples(dst)
     assert len(examples) == 50
     # Known first rows of GSM8K train (Natalia's clips; Weng's babysitting).

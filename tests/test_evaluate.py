@@ -20,7 +20,7 @@ import pytest
 
 from hf_fixtures import CHATML_TEMPLATE, make_byte_tokenizer, make_qwen25_style_folder
 from relift_jax import benchmarks as bm
-from relift_jax import data, eval_summary
+from relift_jax import data, eval_summary, gsm8k
 from relift_jax import evaluate as ev
 from relift_jax import records as rec
 from relift_jax.data import Example
@@ -143,9 +143,9 @@ def test_packaged_files_equal_shared_data():
 
 
 def test_gsm8k_matches_data_converter(tmp_path):
-    # data.convert_gsm8k is an independent implementation of the same conversion.
+    # gsm8k.convert_gsm8k is an independent implementation of the same conversion.
     dst = tmp_path / "gsm8k.jsonl"
-    data.convert_gsm8k(bm.benchmark_path("gsm8k_test.jsonl"), str(dst))
+    gsm8k.convert_gsm8k(bm.benchmark_path("gsm8k_test.jsonl"), str(dst))
     converted = data.load_examples(str(dst))
     ours = bm.load_benchmark("gsm8k")
     assert len(ours) == len(converted) == 1319
