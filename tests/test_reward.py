@@ -1,4 +1,5 @@
-"""Tests for relift_jax.reward: the official math rule, letter grading, the worker pool, pass@k.
+"""Tests for relift_jax.grading and relift_jax.reward: the official math rule, letter grading, the
+worker pool, pass@k.
 
 Expected values in the tables are written by hand from the meaning of each answer (is it the same
 mathematical object as the ground truth?), not copied from the grader; the few rows where
@@ -17,16 +18,15 @@ import time
 import numpy as np
 import pytest
 
-from relift_jax.reward import (
+from relift_jax.grading import (
     REWARD_FNS,
-    RewardScorer,
     choice_reward,
     extract_choice,
     get_reward_fn,
     math_reward,
-    pass_at_k,
     register_reward,
 )
+from relift_jax.reward import RewardScorer, pass_at_k
 
 SHARED = pathlib.Path(os.environ.get(
     "RELIFT_SHARED", pathlib.Path(__file__).resolve().parent.parent.parent / "shared")) / "data"
@@ -327,9 +327,9 @@ def test_registry() -> None:
     with pytest.raises(TypeError):
         register_reward("bad", "not a function")  # type: ignore[arg-type]
     assert get_reward_fn(f"{HERE}:length_reward") is length_reward
-    assert get_reward_fn("relift_jax.reward:math_reward") is math_reward
+    assert get_reward_fn("relift_jax.grading:math_reward") is math_reward
     with pytest.raises(KeyError, match="does not resolve"):
-        get_reward_fn("relift_jax.reward:no_such_fn")
+        get_reward_fn("relift_jax.grading:no_such_fn")
     with pytest.raises(KeyError, match="does not resolve"):
         get_reward_fn("no_such_module_xyz:fn")
 

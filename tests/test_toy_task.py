@@ -309,13 +309,13 @@ def test_math_verify_scores_demonstrations():
 
 
 def test_reward_module_scores_demonstrations():
-    reward = pytest.importorskip("relift_jax.reward")
+    grading = pytest.importorskip("relift_jax.grading")
     for q in _sample_for_reward():
         response = q.demonstration[len("<think>\n"):]
-        assert reward.math_reward(response, q.answer) == 1.0, q
-        assert reward.math_reward(_corrupt(q)[len("<think>\n"):], q.answer) == 0.0, q
+        assert grading.math_reward(response, q.answer) == 1.0, q
+        assert grading.math_reward(_corrupt(q)[len("<think>\n"):], q.answer) == 0.0, q
         no_close = response.replace("</think>", "")
-        assert reward.math_reward(no_close, q.answer) == 0.0, q
+        assert grading.math_reward(no_close, q.answer) == 0.0, q
 
 
 # ---------------------------------------------------------------------------------------------
