@@ -6,6 +6,7 @@ All validation of the data against the configs happens here, before any compilat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -40,15 +41,15 @@ def load_model(cfg: ModelLoadConfig, shardings_for: Callable | None = None
     if cfg.path is None:  # a fresh random model (the toy base model starts here)
         fields = {"model_type": "qwen2", "qkv_bias": True, "vocab_size": len(tok), **cfg.random_init,
                   "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
-                  "remat": cfg.remat}
+                  "remat": cfg.remat, "attention": cfg.attention}
         mc = model.ModelConfig(**fields)
-        params = model.init_params(mc, jax.random.key(0))
-        if shardings_for:
-            params = jax.tree.map(jax.device_put, params, shardings_for(mc))
-        return mc, params, tok, None
+        init = functools.partial(model.init_params, mc)
+        # Created directly in their shardings: never whole on one device.
+        init = jax.jit(init, out_shardings=shardings_for(mc)) if shardings_for else jax.jit(init)
+        return mc, init(jax.random.key(0)), tok, None
     hf_cfg = hf.config_from_hf(hf.load_hf_config(cfg.path), source=cfg.path,
                                param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
-    hf_cfg = hf_cfg.replace(remat=cfg.remat)
+    hf_cfg = hf_cfg.replace(remat=cfg.remat, attention=cfg.attention)
     shardings = shardings_for(hf_cfg) if shardings_for else None
     _, params = hf.load_checkpoint(cfg.path, dtype=jnp.dtype(cfg.param_dtype),
                                    compute_dtype=jnp.dtype(cfg.compute_dtype), shardings=shardings)
@@ -158,13 +159,15 @@ def make_steps(c: RunConfig, cfg: model.ModelConfig, state: TrainState, rl_tx, s
                mesh) -> Steps:
     """The two jitted steps, fed host batches that cross to the device in one place."""
     shardings = jax.tree.map(lambda x: x.sharding, state)
+    chunk = c.model.logits_chunk_len
     rl_step = jit_step(rl_train_step, shardings, config=cfg, rl=c.rl, tx=rl_tx,
                        schedule=make_schedule(c.rl.optim()),
-                       norm_len=c.rl.norm_len or c.rollout.max_response_len)
+                       norm_len=c.rl.norm_len or c.rollout.max_response_len, chunk_len=chunk)
     sft_step = jit_step(sft_train_step, shardings, config=cfg, sft=c.sft, tx=sft_tx,
-                        schedule=make_schedule(c.sft.optim()))
+                        schedule=make_schedule(c.sft.optim()), chunk_len=chunk)
     packing = Packing(micro_batch_size=c.rl.micro_batch_size, pad_id=tok.pad_token_id,
-                      batch_multiple=sharding.batch_divisor(mesh))
+                      batch_multiple=sharding.batch_divisor(mesh),
+                      tokens_per_micro_batch=c.rl.tokens_per_micro_batch)
     return Steps(rl=lambda s, b: rl_step(s, device_batch(b, mesh)),
                  sft=lambda s, b: sft_step(s, device_batch(b, mesh)), packing=packing)
 

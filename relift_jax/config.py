@@ -19,6 +19,8 @@ class ConfigError(ValueError):
     """
 
 
+REMAT_POLICIES = ("none", "full", "save_matmuls")
+ATTENTION_IMPLS = ("xla", "blockwise", "splash", "cudnn")
 MODES = ("relift", "rl", "sft", "sft_then_rl", "rl_with_sft_loss", "relift_uniform")
 
 
@@ -92,6 +94,9 @@ class RLConfig:
     warmup_steps: int = 0
     num_mini_batches: int = 2
     micro_batch_size: int = 8
+    # Sequence packing: micro-batches filled to this many tokens, several sequences per row
+    # (None: one sequence per row, micro_batch_size rows).
+    tokens_per_micro_batch: int | None = None
     scale_adv_by_std: bool = False
     clip_low: float | None = None
     clip_high: float | None = None
@@ -144,6 +149,7 @@ class SFTConfig:
     entropy_coef: float = 0.001
     share_optimizer: bool = False
     micro_batch_size: int = 8
+    tokens_per_micro_batch: int | None = None  # sequence packing, as RLConfig
     max_demo_len: int | None = None   # None: the rollout's max_response_len
     uniform_every: int = 4            # mode relift_uniform: SFT every k iterations on random questions
     sft_iterations: int = 0           # mode sft_then_rl: iterations of pure SFT before RL
@@ -207,13 +213,25 @@ class ModelLoadConfig:
     # (the toy base model; its export/final must be `path`).
     build_gin: str | None = None
     build_run_dir: str | None = None
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    remat: bool = False
+    param_dtype: str = "float32"      # bfloat16: bf16 weights (optimiser moments stay float32)
+    compute_dtype: str = "float32"    # bfloat16: bf16 matmuls (softmax, norms, losses in float32)
+    remat: str = "none"               # none | full | save_matmuls (recompute in the backward pass)
+    attention: str = "xla"            # xla (dense) | blockwise | splash (TPU) | cudnn (GPU)
+    # Positions per vocabulary-projection chunk in the train steps (0: all at once); with a large
+    # vocabulary this is what keeps [b, T, V] float32 logits from ever existing.
+    logits_chunk_len: int = 0
     trust_remote_code: bool = False
 
     def __post_init__(self):
         n = type(self).__name__
+        if isinstance(self.remat, bool):  # the old spelling
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        _check(self.remat in REMAT_POLICIES, n, "remat", self.remat,
+               f"must be one of {REMAT_POLICIES}")
+        _check(self.attention in ATTENTION_IMPLS, n, "attention", self.attention,
+               f"must be one of {ATTENTION_IMPLS}")
+        _check(self.logits_chunk_len >= 0, n, "logits_chunk_len", self.logits_chunk_len,
+               "must be >= 0")
         _check(self.path is not None or (self.random_init and self.tokenizer_path), n, "path",
                self.path, "give a Hugging Face folder, or random_init and tokenizer_path")
 

@@ -239,8 +239,9 @@ class Controller:
     def _sft_batch(self, ids: list[int]):
         return pack_sft_batch([self.q[i].prompt_ids for i in ids],
                               [self.q[i].demo_ids for i in ids],
-                              dataclasses.replace(self.packing,
-                                                  micro_batch_size=self.sft.micro_batch_size))
+                              dataclasses.replace(
+                                  self.packing, micro_batch_size=self.sft.micro_batch_size,
+                                  tokens_per_micro_batch=self.sft.tokens_per_micro_batch))
 
     def _sft(self, state, ids: list[int], metrics, timing) -> tuple[Any, int]:
         if not ids:

@@ -93,6 +93,7 @@ def aggregate(
     num_seqs: ArrayLike | None = None,
     seq_denominator: str = "num_seqs",
     num_devices: int | None = None,
+    seq_lens_BxT: ArrayLike | None = None,
 ) -> jax.Array:
     """Reduces a per-token loss to a scalar.
 
@@ -141,6 +142,10 @@ def aggregate(
             "seq-mean-token-sum-norm".
         num_devices: the data-parallel size whose averaging is reproduced (official: 8, whatever
             our own mesh is); required with seq_denominator="num_devices".
+        seq_lens_BxT: for packed rows (several sequences per row): at each counted token, the
+            number of counted tokens of ITS sequence. "seq-mean-token-mean" then weights each token
+            by 1 / its sequence's length instead of taking row means (the other modes are sums
+            over tokens and do not need it); pass num_seqs too.
 
     Returns:
         float32 scalar.
@@ -172,6 +177,11 @@ def aggregate(
         denom = jnp.sum(mask_BxT) if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
         return jnp.sum(loss_BxT) / jnp.maximum(denom, 1.0)
 
+    if seq_lens_BxT is not None and agg == "seq-mean-token-mean":
+        if num_seqs is None:
+            raise ValueError("packed rows (seq_lens_BxT) need num_seqs: rows are not sequences")
+        lens_BxT = jnp.maximum(jnp.asarray(seq_lens_BxT, jnp.float32), 1.0)
+        return jnp.sum(loss_BxT / lens_BxT) / jnp.maximum(jnp.asarray(num_seqs, jnp.float32), 1.0)
     tokens_B = jnp.sum(mask_BxT, axis=1)
     if seq_denominator == "num_devices":
         denom = jnp.asarray(num_devices, jnp.float32)
@@ -213,6 +223,7 @@ def policy_loss(
     num_seqs: ArrayLike | None = None,
     seq_denominator: str = "num_seqs",
     num_devices: int | None = None,
+    seq_lens: ArrayLike | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Policy-gradient loss -A * ratio, optionally PPO-clipped, aggregated by `aggregate`.
 
@@ -222,9 +233,11 @@ def policy_loss(
     Args:
         logprobs: `[B, T]` log-probabilities of the sampled tokens under the current policy.
         old_logprobs: `[B, T]` the same under the policy that sampled them.
-        advantages: `[B]` one advantage per sequence.
+        advantages: `[B]` one advantage per sequence, or `[B, T]` one per token (packed rows:
+            each token carries its sequence's advantage).
         mask: `[B, T]` response-token mask.
         clip_low, clip_high: both None (no clipping) or both floats.
+        seq_lens: `[B, T]` as `aggregate`'s seq_lens_BxT (packed rows).
         agg, norm_len, num_tokens, num_seqs, seq_denominator, num_devices: as in `aggregate`
             (seq_denominator="num_devices" is the official ReLIFT scale; the metrics below are
             token-means either way).
@@ -249,7 +262,8 @@ def policy_loss(
         )
     logprobs_BxT = jnp.asarray(logprobs, jnp.float32)
     old_logprobs_BxT = jnp.asarray(old_logprobs, jnp.float32)
-    adv_Bx1 = jnp.asarray(advantages, jnp.float32)[:, None]
+    adv = jnp.asarray(advantages, jnp.float32)
+    adv_Bx1 = adv[:, None] if adv.ndim == 1 else adv  # [B, 1] or already per token [B, T]
     mask_BxT = jnp.asarray(mask).astype(jnp.float32)
     valid_BxT = mask_BxT != 0
 
@@ -267,7 +281,7 @@ def policy_loss(
 
     loss = aggregate(
         loss_BxT, mask_BxT, agg, norm_len=norm_len, num_tokens=num_tokens, num_seqs=num_seqs,
-        seq_denominator=seq_denominator, num_devices=num_devices,
+        seq_denominator=seq_denominator, num_devices=num_devices, seq_lens_BxT=seq_lens,
     )
     # Metrics are diagnostics: keep them out of the gradient.
     ratio_BxT = jax.lax.stop_gradient(ratio_BxT)

@@ -41,14 +41,16 @@ def make_score_fn(tokenizer, scorer, stop_ids: Sequence[int], math_reward: str) 
     return score
 
 
-def make_ref_logprobs_fn(cfg: ModelConfig, ref_params: Any) -> Callable[[RLBatch], np.ndarray]:
+def make_ref_logprobs_fn(cfg: ModelConfig, ref_params: Any, chunk_len: int = 0
+                         ) -> Callable[[RLBatch], np.ndarray]:
     """A frozen copy of the start policy: batch -> token-aligned reference log-probs [M, b, T]."""
     @jax.jit
-    def ref(params, tokens_MxbxT, valid_MxbxT):
-        return jax.lax.map(lambda tv: token_logprobs(cfg, params, tv[0], tv[1])[0],
-                           (tokens_MxbxT, valid_MxbxT))
+    def ref(params, tokens_MxbxT, segment_ids_MxbxT, positions_MxbxT):
+        return jax.lax.map(lambda x: token_logprobs(cfg, params, *x, chunk_len=chunk_len)[0],
+                           (tokens_MxbxT, segment_ids_MxbxT, positions_MxbxT))
 
     def fn(batch: RLBatch) -> np.ndarray:
         mb = batch.micro_batches
-        return np.asarray(ref(ref_params, jnp.asarray(mb.tokens_bxT), jnp.asarray(mb.valid_bxT)))
+        return np.asarray(ref(ref_params, *(jnp.asarray(x) for x in (
+            mb.tokens_bxT, mb.segment_ids_bxT, mb.positions_bxT))))
     return fn

@@ -110,7 +110,8 @@ def _set_up(run_dir: str, c: RunConfig, operative_gin: str | None, mesh) -> _Run
     scorer = RewardScorer(c.train.reward, num_workers=c.train.reward_workers,
                           timeout_s=c.train.reward_timeout_s,
                           require_think_close=c.train.require_think_close)
-    ref_fn = (rollout.make_ref_logprobs_fn(cfg, jax.tree.map(jnp.copy, params))
+    ref_fn = (rollout.make_ref_logprobs_fn(cfg, jax.tree.map(jnp.copy, params),
+                                           c.model.logits_chunk_len)
               if c.rl.kl_coef > 0 else None)  # a frozen copy of the start policy, only when used
     ctl = Controller(questions=d.questions, train=c.train, rollout=c.rollout, rl=c.rl, sft=c.sft,
                      packing=steps.packing, rl_step=steps.rl, sft_step=steps.sft,

@@ -21,7 +21,7 @@ from flax import struct
 from relift_jax import losses
 from relift_jax.batches import RLBatch, RLMicroBatch, SFTBatch, SFTMicroBatch
 from relift_jax.config import OptimConfig, RLConfig, SFTConfig
-from relift_jax.model import ModelConfig, Params, apply
+from relift_jax.model import ModelConfig, Params, hidden_states, logits_from_hidden
 
 
 @struct.dataclass
@@ -55,46 +55,110 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
                                    weight_decay=cfg.weight_decay))
 
 
+def _moment_like(x):
+    """Optimiser moments are float32 whatever the parameter dtype (bf16 params, f32 moments)."""
+    return jax.ShapeDtypeStruct(x.shape, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) \
+        else jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
 def init_state(params: Params, rl_tx, sft_tx, *, share_optimizer: bool = False) -> TrainState:
-    """Train state: params plus both optimiser states (the SFT one is empty when shared)."""
-    init = jax.jit(lambda p: (rl_tx.init(p), () if share_optimizer else sft_tx.init(p)))
-    rl_opt, sft_opt = init(params)
+    """Train state: params plus both optimiser states (the SFT one is empty when shared).
+
+    The moments are float32 and are created directly in their parameter's sharding (an optax init
+    does not depend on the parameters' values, so without `out_shardings` XLA would replicate
+    every moment on every device: 113 GB per chip for a 7B model on v5p-64).
+    """
+    def init(p):
+        m = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.tree.map(_moment_like, p))
+        return rl_tx.init(m), (() if share_optimizer else sft_tx.init(m))
+
+    out = opt_shardings(params, rl_tx, sft_tx, share_optimizer)
+    rl_opt, sft_opt = (jax.jit(init) if out is None else jax.jit(init, out_shardings=out))(params)
     return TrainState(params=params, rl_opt=rl_opt, sft_opt=sft_opt,
                       rl_steps=jnp.zeros((), jnp.int32), sft_steps=jnp.zeros((), jnp.int32))
+
+
+def opt_shardings(params: Params, rl_tx, sft_tx, share_optimizer: bool = False):
+    """(RL, SFT) optimiser-state shardings: every moment like its parameter, counters replicated.
+
+    `params` may be arrays or ShapeDtypeStructs with shardings (ahead-of-time compilation).
+    """
+    shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), params)
+    leaves = jax.tree.leaves(shardings)
+    if not leaves or not all(isinstance(s, jax.sharding.NamedSharding) for s in leaves):
+        return None  # one device: nothing to place
+    replicated = jax.sharding.NamedSharding(leaves[0].mesh, jax.sharding.PartitionSpec())
+    abstract = jax.tree.map(_moment_like, params)
+
+    def like_params(tx):
+        st = jax.eval_shape(tx.init, abstract)
+        return optax.tree_map_params(tx, lambda _, s: s, st, shardings,
+                                     transform_non_params=lambda _: replicated)
+    return like_params(rl_tx), (() if share_optimizer else like_params(sft_tx))
 
 
 # ----------------------------------------------------------------------------- losses on a micro-batch
 
 def token_logprobs(config: ModelConfig, params: Params, tokens_bxT: jax.Array,
-                   valid_bxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+                   segment_ids_bxT: jax.Array, positions_bxT: jax.Array, *,
+                   chunk_len: int = 0) -> tuple[jax.Array, jax.Array]:
     """Token-aligned log-probs and entropies, `[b, T]` float32 each: column t is log p(token t |
-    tokens < t) and the entropy of that distribution; column 0 has no prediction and holds 0.
+    the tokens before it in its sequence) and the entropy of that distribution; column 0 has no
+    prediction and holds 0. The one function behind the policy, recomputed-old and reference
+    log-probs.
 
-    The one function behind the policy, old (recomputed) and reference log-probs.
+    Rows may hold several sequences (segment ids > 0, 0 = padding; positions restart in each).
+    With `chunk_len` > 0 the vocabulary projection runs `chunk_len` positions at a time and is
+    recomputed in the backward pass, so no `[b, T, V]` float32 logits tensor ever exists (at
+    T = 9,216 and V = 152,064 that would be 5.6 GB per sequence).
     """
-    logits_bxTxV = apply(config, params, tokens_bxT[:, :-1], valid_bxT[:, :-1])
-    logp, ent = losses.token_logprobs_and_entropy(logits_bxTxV, tokens_bxT[:, 1:])
-    pad = ((0, 0), (1, 0))
-    return jnp.pad(logp, pad), jnp.pad(ent, pad)
+    try:  # TEMPORARY until model.py's segment ids land
+        h_bxTxD, _ = hidden_states(config, params, tokens_bxT[:, :-1], positions_bxT[:, :-1],
+                                   segment_ids_bxT[:, :-1] > 0,
+                                   segment_ids_BxT=segment_ids_bxT[:, :-1])
+    except TypeError:
+        h_bxTxD, _ = hidden_states(config, params, tokens_bxT[:, :-1], positions_bxT[:, :-1],
+                                   segment_ids_bxT[:, :-1] > 0)
+    targets_bxT = tokens_bxT[:, 1:]
+
+    def project(h_bxcxD, t_bxc):
+        return losses.token_logprobs_and_entropy(logits_from_hidden(config, params, h_bxcxD), t_bxc)
+
+    n = targets_bxT.shape[1]
+    if chunk_len <= 0 or chunk_len >= n:
+        logp, ent = project(h_bxTxD, targets_bxT)
+    else:
+        nc = -(-n // chunk_len)
+        pad = nc * chunk_len - n
+        b, _, D = h_bxTxD.shape
+        h_cxbxkxD = jnp.pad(h_bxTxD, ((0, 0), (0, pad), (0, 0))).reshape(
+            b, nc, chunk_len, D).transpose(1, 0, 2, 3)
+        t_cxbxk = jnp.pad(targets_bxT, ((0, 0), (0, pad))).reshape(b, nc, chunk_len).transpose(1, 0, 2)
+        step = jax.checkpoint(lambda _, ht: (None, project(*ht)))  # logits recomputed backward
+        _, (logp, ent) = jax.lax.scan(step, None, (h_cxbxkxD, t_cxbxk))
+        logp, ent = (x.transpose(1, 0, 2).reshape(b, nc * chunk_len)[:, :n] for x in (logp, ent))
+    return jnp.pad(logp, ((0, 0), (1, 0))), jnp.pad(ent, ((0, 0), (1, 0)))
 
 
-def _sft_terms(config, params, mb: SFTMicroBatch, num_tokens):
+def _sft_terms(config, params, mb: SFTMicroBatch, num_tokens, chunk_len: int):
     """(nll, entropy): token means over the demonstration tokens, with the batch's denominator."""
-    logp, ent = token_logprobs(config, params, mb.tokens_bxT, mb.valid_bxT)
+    logp, ent = token_logprobs(config, params, mb.tokens_bxT, mb.segment_ids_bxT, mb.positions_bxT,
+                               chunk_len=chunk_len)
     nll = losses.aggregate(-logp, mb.loss_mask_bxT, "token-mean", num_tokens=num_tokens)
     entropy = losses.aggregate(ent, mb.loss_mask_bxT, "token-mean", num_tokens=num_tokens)
     return nll, entropy
 
 
 def _rl_loss(params, mb: RLMicroBatch, totals: RLBatch, *, config: ModelConfig, rl: RLConfig,
-             norm_len: int):
-    logp, ent = token_logprobs(config, params, mb.tokens_bxT, mb.valid_bxT)
+             norm_len: int, chunk_len: int):
+    logp, ent = token_logprobs(config, params, mb.tokens_bxT, mb.segment_ids_bxT, mb.positions_bxT,
+                               chunk_len=chunk_len)
     mask = mb.loss_mask_bxT
-    pg, m = losses.policy_loss(logp, mb.old_logprobs_bxT, mb.advantages_b, mask,
+    pg, m = losses.policy_loss(logp, mb.old_logprobs_bxT, mb.advantages_bxT, mask,
                                clip_low=rl.clip_low, clip_high=rl.clip_high, agg=rl.agg,
                                norm_len=norm_len, num_tokens=totals.num_tokens,
                                num_seqs=totals.num_seqs, seq_denominator=rl.seq_norm_denominator,
-                               num_devices=rl.seq_norm_num_devices)
+                               num_devices=rl.seq_norm_num_devices, seq_lens=mb.seq_lens_bxT)
     entropy = losses.aggregate(ent, mask, "token-mean", num_tokens=totals.num_tokens)
     loss = pg - rl.entropy_coef * entropy
     metrics = {"pg_loss": pg, "entropy": entropy, "clip_frac": m["clip_frac"],
@@ -105,7 +169,7 @@ def _rl_loss(params, mb: RLMicroBatch, totals: RLBatch, *, config: ModelConfig, 
         loss = loss + rl.kl_coef * kl
         metrics["kl"] = kl
     if mb.sft is not None:  # mode rl_with_sft_loss: an SFT loss added to every RL update
-        nll, _ = _sft_terms(config, params, mb.sft, totals.sft_num_tokens)
+        nll, _ = _sft_terms(config, params, mb.sft, totals.sft_num_tokens, chunk_len)
         loss = loss + rl.sft_loss_coef * nll
         metrics["sft_nll"] = nll
     metrics["loss"] = loss
@@ -113,8 +177,8 @@ def _rl_loss(params, mb: RLMicroBatch, totals: RLBatch, *, config: ModelConfig, 
 
 
 def _sft_loss(params, mb: SFTMicroBatch, totals: SFTBatch, *, config: ModelConfig,
-              sft: SFTConfig):
-    nll, entropy = _sft_terms(config, params, mb, totals.num_tokens)
+              sft: SFTConfig, chunk_len: int):
+    nll, entropy = _sft_terms(config, params, mb, totals.num_tokens, chunk_len)
     loss = nll - sft.entropy_coef * entropy
     return loss, {"loss": loss, "nll": nll, "entropy": entropy}
 
@@ -145,8 +209,9 @@ def _accumulate(loss_fn, params, batch):
 
 
 def _apply_update(tx, params, opt_state, grads):
+    """AdamW in float32 (float32 gradients and moments); the update is cast to each parameter's
+    dtype when applied."""
     grad_norm = optax.global_norm(grads)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, grad_norm
 
@@ -154,9 +219,13 @@ def _apply_update(tx, params, opt_state, grads):
 # ----------------------------------------------------------------------------- the two steps
 
 def rl_train_step(state: TrainState, batch: RLBatch, *, config: ModelConfig, rl: RLConfig, tx,
-                  schedule, norm_len: int) -> tuple[TrainState, dict]:
-    """One policy-gradient update on a batch of micro-batches (see `batches.pack_rl_batch`)."""
-    loss_fn = functools.partial(_rl_loss, config=config, rl=rl, norm_len=norm_len)
+                  schedule, norm_len: int, chunk_len: int = 0) -> tuple[TrainState, dict]:
+    """One policy-gradient update on a batch of micro-batches (see `batches.pack_rl_batch`).
+
+    chunk_len: positions per vocabulary-projection chunk (0: all at once); see token_logprobs.
+    """
+    loss_fn = functools.partial(_rl_loss, config=config, rl=rl, norm_len=norm_len,
+                                chunk_len=chunk_len)
     grads, metrics = _accumulate(loss_fn, state.params, batch)
     params, opt, gnorm = _apply_update(tx, state.params, state.rl_opt, grads)
     metrics.update(grad_norm=gnorm, lr=schedule(state.rl_steps))
@@ -164,9 +233,9 @@ def rl_train_step(state: TrainState, batch: RLBatch, *, config: ModelConfig, rl:
 
 
 def sft_train_step(state: TrainState, batch: SFTBatch, *, config: ModelConfig, sft: SFTConfig, tx,
-                   schedule) -> tuple[TrainState, dict]:
+                   schedule, chunk_len: int = 0) -> tuple[TrainState, dict]:
     """One SFT update; touches only params and the SFT optimiser state (or the shared RL one)."""
-    loss_fn = functools.partial(_sft_loss, config=config, sft=sft)
+    loss_fn = functools.partial(_sft_loss, config=config, sft=sft, chunk_len=chunk_len)
     grads, metrics = _accumulate(loss_fn, state.params, batch)
     opt_state = state.rl_opt if sft.share_optimizer else state.sft_opt
     params, opt, gnorm = _apply_update(tx, state.params, opt_state, grads)

@@ -74,7 +74,7 @@ class Harness:
     def sft_ids(self, i: int) -> list[int]:
         """Question ids of SFT batch i, row by row, read back from the packed tokens."""
         toks = self.sft_batches[i].micro_batches.tokens_bxT.reshape(-1, self.sft_batches[i].micro_batches.tokens_bxT.shape[-1])
-        valid = self.sft_batches[i].micro_batches.valid_bxT.reshape(toks.shape)
+        valid = self.sft_batches[i].micro_batches.segment_ids_bxT.reshape(toks.shape)
         return [int(t[0]) - BASE for t, v in zip(toks, valid) if v.any()]
 
 
@@ -244,7 +244,7 @@ def test_mode_rl_with_sft_loss_attaches_demonstrations_to_every_rl_batch():
         M = b.micro_batches.tokens_bxT.shape[0]
         assert s.tokens_bxT.shape[0] == M  # one slice of demonstrations per RL micro-batch
         toks = s.tokens_bxT.reshape(-1, s.tokens_bxT.shape[-1])
-        valid = s.valid_bxT.reshape(toks.shape)
+        valid = s.segment_ids_bxT.reshape(toks.shape)
         got = [int(t[0]) - BASE for t, v in zip(toks, valid) if v.any()]
         assert got == demo_qs
         assert float(b.sft_num_tokens) == sum(len(qs[q].demo_ids) for q in demo_qs)
@@ -260,19 +260,21 @@ def test_dynamic_filter_drops_all_equal_groups():
     _, ms = run(ctl, 1)
     (b,) = h.rl_batches
     toks = b.micro_batches.tokens_bxT.reshape(-1, b.micro_batches.tokens_bxT.shape[-1])
-    valid = b.micro_batches.valid_bxT.reshape(toks.shape)
+    valid = b.micro_batches.segment_ids_bxT.reshape(toks.shape)
     rows_q = [int(t[0]) - BASE for t, v in zip(toks, valid) if v.any()]
     kept = [q for q in h.samples[0][0] if q % 4 in (2, 3)]
     assert len(kept) == 4 and rows_q == [q for q in kept for _ in range(4)]
     assert ms[0]["rollout/kept_frac"] == pytest.approx(0.5)
     # Dr.GRPO advantages of the kept groups: reward - group mean.
-    adv = b.micro_batches.advantages_b.reshape(-1)[:len(rows_q)]
+    adv_bxT = b.micro_batches.advantages_bxT.reshape(toks.shape)
+    adv = [a[m > 0][0] for a, m in zip(adv_bxT, b.micro_batches.loss_mask_bxT.reshape(toks.shape))
+           if m.any()]
     want = [(1.0 if g < solved(q) else 0.0) - solved(q) / 4 for q in kept for g in range(4)]
     np.testing.assert_allclose(adv, want, atol=1e-6)
     # Without the filter, every row trains.
     h2 = Harness(correct=solved)
     run(make_controller(h2, make_questions(8), mode="rl", N=8, G=4), 1)
-    assert int(h2.rl_batches[0].micro_batches.valid_bxT.any(-1).sum()) == 32
+    assert int((h2.rl_batches[0].micro_batches.segment_ids_bxT > 0).any(-1).sum()) == 32
 
 
 def test_dynamic_filter_skips_the_update_when_every_group_is_uniform():

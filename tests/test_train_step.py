@@ -326,13 +326,18 @@ def test_pack_rl_batch_layout_by_hand():
     assert b.micro_batches.tokens_bxT.shape == (1, 2, 8)
     np.testing.assert_array_equal(b.micro_batches.tokens_bxT[0], [[5, 6, 7, 8, 9, 63, 63, 63],
                                                    [5, 10, 11, 12, 63, 63, 63, 63]])
-    np.testing.assert_array_equal(b.micro_batches.valid_bxT[0], [[1, 1, 1, 1, 1, 0, 0, 0],
-                                                  [1, 1, 1, 1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(b.micro_batches.segment_ids_bxT[0], [[1, 1, 1, 1, 1, 0, 0, 0],
+                                                        [1, 1, 1, 1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(b.micro_batches.positions_bxT[0], [[0, 1, 2, 3, 4, 0, 0, 0],
+                                                      [0, 1, 2, 3, 0, 0, 0, 0]])
     np.testing.assert_array_equal(b.micro_batches.loss_mask_bxT[0], [[0, 0, 0, 1, 1, 0, 0, 0],
                                                       [0, 1, 1, 1, 0, 0, 0, 0]])
     np.testing.assert_allclose(b.micro_batches.old_logprobs_bxT[0], [[0, 0, 0, -0.1, -0.2, 0, 0, 0],
                                                       [0, -0.3, -0.4, -0.5, 0, 0, 0, 0]])
-    np.testing.assert_allclose(b.micro_batches.advantages_b, [[1.5, -2.0]])
+    np.testing.assert_allclose(b.micro_batches.advantages_bxT[0], [[0, 0, 0, 1.5, 1.5, 0, 0, 0],
+                                                    [0, -2, -2, -2, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(b.micro_batches.seq_lens_bxT[0], [[0, 0, 0, 2, 2, 0, 0, 0],
+                                                     [0, 3, 3, 3, 0, 0, 0, 0]])
     assert float(b.num_tokens) == 5.0 and float(b.num_seqs) == 2.0
 
     # One row per micro-batch: same rows, leading axis M = 2; a third, padding-only row when
@@ -344,8 +349,9 @@ def test_pack_rl_batch_layout_by_hand():
     b3 = pack_rl_batch(prompts + [[4]], responses + [[3]], old + [[-1.0]], np.ones(3),
                        Packing(2, 63, batch_multiple=2, length_multiple=8))
     assert b3.micro_batches.tokens_bxT.shape == (2, 2, 8)
-    assert not b3.micro_batches.valid_bxT[1, 1].any() and b3.micro_batches.loss_mask_bxT[1, 1].sum() == 0
-    assert b3.micro_batches.advantages_b[1, 1] == 0.0 and float(b3.num_seqs) == 3.0
+    assert not b3.micro_batches.segment_ids_bxT[1, 1].any()
+    assert b3.micro_batches.loss_mask_bxT[1, 1].sum() == 0
+    assert not b3.micro_batches.advantages_bxT[1, 1].any() and float(b3.num_seqs) == 3.0
 
 
 def test_pack_sft_batch_masks_only_the_demonstration():
