@@ -4,6 +4,11 @@ The parameters are ONE plain pytree (nested dicts of arrays); per-layer weights 
 `layers` axis and the stack runs under `lax.scan`, so compile time does not grow with depth. The same
 pytree is what the train steps differentiate, what the sampler decodes with and what checkpoints hold.
 
+Attention without a KV cache (training, scoring) is `ModelConfig.attention` (attention.py: dense
+"xla", flash-style "blockwise", TPU "splash", GPU "cudnn") over padded or packed rows (segment ids);
+with a cache (the sampler) it is always the dense `attend`. `ModelConfig.remat` names what each
+layer keeps for the backward pass (REMAT_POLICIES).
+
 Shape key: B batch, T tokens (queries), S key/value slots, D hidden, H query heads, K key/value heads,
 R = H // K query heads per key/value head, E head dim, F MLP hidden, V vocab, L layers.
 """
@@ -17,12 +22,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
+from relift_jax import attention as attn_lib
 from relift_jax import sharding
+from relift_jax.attention import attend, attention_mask  # noqa: F401  (public here since before)
 
 Params = dict[str, Any]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# The matmul outputs `_layer` names for the "save_matmuls" remat policy.
+MATMUL_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What each layer keeps for the backward pass (None: everything autodiff saves, no recompute).
+# "full" keeps only the layer's input and recomputes the layer; "save_matmuls" keeps the
+# projections and the attention's residuals (output and logsumexp of blockwise/splash), so the
+# backward recomputes only norms, RoPE, activations and, for "xla", the dense probabilities.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_matmuls": jax.checkpoint_policies.save_only_these_names(*MATMUL_NAMES,
+                                                                  attn_lib.RESIDUAL_NAME),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +77,27 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"  # a REMAT_POLICIES name; True/False are read as "full"/"none"
+    attention: str = "xla"  # an attention.IMPLEMENTATIONS name, for everything but the KV cache
+    attention_block_q: int = 512  # blockwise/splash query block
+    attention_block_kv: int = 512  # blockwise/splash key/value block
 
     def __post_init__(self):
+        if isinstance(self.remat, bool):  # the bool this field used to be
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)} "
+                             f"(or a bool: True = 'full', False = 'none')")
+        if self.attention not in attn_lib.IMPLEMENTATIONS:
+            raise ValueError(f"attention {self.attention!r} is not one of "
+                             f"{attn_lib.IMPLEMENTATIONS}")
+        for name in ("attention_block_q", "attention_block_kv"):
+            if getattr(self, name) <= 0 or getattr(self, name) % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8, got "
+                                 f"{getattr(self, name)}")
+        if self.attention == "cudnn" and self.compute_dtype == "float32":
+            raise ValueError("attention 'cudnn' needs compute_dtype bfloat16 or float16, got "
+                             "float32 (cuDNN's flash attention has no float32 kernel)")
         if self.model_type not in ("qwen2", "llama"):
             raise ValueError(f"model_type {self.model_type!r} is not supported (qwen2, llama)")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -192,48 +231,31 @@ def apply_rope(x_BxTxNxE: jax.Array, cos_BxTxE: jax.Array, sin_BxTxE: jax.Array)
     return out.astype(x_BxTxNxE.dtype)
 
 
-def attention_mask(kv_valid_BxS: jax.Array, start: jax.Array | int, T: int) -> jax.Array:
-    """Causal mask [B, T, S] for T queries that sit at slots start..start+T-1 of S key slots."""
-    S = kv_valid_BxS.shape[1]
-    q_slot_T = start + jnp.arange(T)
-    causal_TxS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
-    return causal_TxS[None] & kv_valid_BxS[:, None, :]
-
-
-def attend(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
-           mask_BxTxS: jax.Array) -> jax.Array:
-    """Grouped-query attention; softmax in float32. Returns [B, T, H, E]."""
-    B, T, H, E = q_BxTxHxE.shape
-    K = k_BxKxSxE.shape[1]
-    q = q_BxTxHxE.reshape(B, T, K, H // K, E)
-    scores_BxKxRxTxS = jnp.einsum("btkre,bkse->bkrts", q, k_BxKxSxE,
-                                  preferred_element_type=jnp.float32) / math.sqrt(E)
-    scores_BxKxRxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxRxTxS, -1e30)
-    probs = jax.nn.softmax(scores_BxKxRxTxS, axis=-1).astype(v_BxKxSxE.dtype)
-    out = jnp.einsum("bkrts,bkse->btkre", probs, v_BxKxSxE)
-    return out.reshape(B, T, H, E)
-
-
 def _dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     y = jnp.einsum("...d,df->...f", x, w.astype(x.dtype))
     return y if b is None else y + b.astype(x.dtype)
 
 
 def _layer(config: ModelConfig, lp: Params, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array,
-           mask_BxTxS: jax.Array, cache, cache_start) -> tuple[jax.Array, Any]:
+           segment_ids_BxT: jax.Array | None, mask_BxTxS: jax.Array | None, cache,
+           cache_start) -> tuple[jax.Array, Any]:
     """One pre-norm block.
 
-    With `cache` = (k_all, v_all, layer) of shape [L, B, K, S, E], only this call's T new keys and
-    values are written (at slots cache_start..) and attention reads layer `layer` of the whole
-    cache; the updated (k_all, v_all) are returned. Writing just the new slots, in a layout the
-    attention dots read without a transpose, keeps a decode step's memory traffic small.
+    Without a cache, attention is `config.attention` under the segment rule of `segment_ids_BxT`
+    (attention.segment_mask). With `cache` = (k_all, v_all, layer) of shape [L, B, K, S, E], only
+    this call's T new keys and values are written (at slots cache_start..) and the dense `attend`
+    reads layer `layer` of the whole cache under `mask_BxTxS`; the updated (k_all, v_all) are
+    returned. Writing just the new slots, in a layout the attention dots read without a
+    transpose, keeps a decode step's memory traffic small.
+
+    Matmul outputs are named (MATMUL_NAMES) for the "save_matmuls" remat policy.
     """
     B, T, _ = x_BxTxD.shape
     H, K, E = config.num_heads, config.num_kv_heads, config.head_dim
     h = rms_norm(x_BxTxD, lp["attn_norm"], config.rms_norm_eps)
-    q = _dense(h, lp["q"], lp.get("q_bias")).reshape(B, T, H, E)
-    k = _dense(h, lp["k"], lp.get("k_bias")).reshape(B, T, K, E)
-    v = _dense(h, lp["v"], lp.get("v_bias")).reshape(B, T, K, E)
+    q = checkpoint_name(_dense(h, lp["q"], lp.get("q_bias")), "q_proj").reshape(B, T, H, E)
+    k = checkpoint_name(_dense(h, lp["k"], lp.get("k_bias")), "k_proj").reshape(B, T, K, E)
+    v = checkpoint_name(_dense(h, lp["v"], lp.get("v_bias")), "v_proj").reshape(B, T, K, E)
     q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
     k_BxKxTxE = apply_rope(k, cos, sin).transpose(0, 2, 1, 3)
     v_BxKxTxE = v.transpose(0, 2, 1, 3)
@@ -243,12 +265,21 @@ def _layer(config: ModelConfig, lp: Params, x_BxTxD: jax.Array, cos: jax.Array, 
         k_all = jax.lax.dynamic_update_slice(k_all, k_BxKxTxE[None].astype(k_all.dtype), at)
         v_all = jax.lax.dynamic_update_slice(v_all, v_BxKxTxE[None].astype(v_all.dtype), at)
         k_BxKxTxE, v_BxKxTxE, cache = k_all[i], v_all[i], (k_all, v_all)
-    attn = attend(q, k_BxKxTxE.astype(q.dtype), v_BxKxTxE.astype(q.dtype), mask_BxTxS)
-    x_BxTxD = x_BxTxD + _dense(attn.reshape(B, T, H * E), lp["o"], lp.get("o_bias"))
+        attn = attend(q, k_BxKxTxE.astype(q.dtype), v_BxKxTxE.astype(q.dtype), mask_BxTxS)
+    else:
+        attn = attn_lib.self_attention(config.attention, q, k_BxKxTxE, v_BxKxTxE, segment_ids_BxT,
+                                       block_q=config.attention_block_q,
+                                       block_kv=config.attention_block_kv)
+    o_BxTxD = checkpoint_name(_dense(attn.reshape(B, T, H * E), lp["o"], lp.get("o_bias")),
+                              "o_proj")
+    x_BxTxD = x_BxTxD + o_BxTxD
     h = rms_norm(x_BxTxD, lp["mlp_norm"], config.rms_norm_eps)
-    gate_BxTxF = sharding.constrain(_dense(h, lp["gate"]), ("batch", "length", "act_mlp"))
-    up_BxTxF = _dense(h, lp["up"])
-    x_BxTxD = x_BxTxD + _dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, lp["down"])
+    gate_BxTxF = sharding.constrain(checkpoint_name(_dense(h, lp["gate"]), "gate_proj"),
+                                    ("batch", "length", "act_mlp"))
+    up_BxTxF = checkpoint_name(_dense(h, lp["up"]), "up_proj")
+    down_BxTxD = checkpoint_name(_dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, lp["down"]),
+                                 "down_proj")
+    x_BxTxD = x_BxTxD + down_BxTxD
     return sharding.constrain(x_BxTxD, ("batch", "length", "act_embed")), cache
 
 
@@ -256,37 +287,55 @@ def _layer(config: ModelConfig, lp: Params, x_BxTxD: jax.Array, cos: jax.Array, 
 
 def hidden_states(config: ModelConfig, params: Params, tokens_BxT: jax.Array,
                   positions_BxT: jax.Array, kv_valid_BxS: jax.Array, *, cache=None,
-                  cache_start: jax.Array | int = 0):
+                  cache_start: jax.Array | int = 0, segment_ids_BxT: jax.Array | None = None):
     """Final-norm hidden states [B, T, D] (and the updated cache).
 
     Args:
       tokens_BxT, positions_BxT: int32 token ids and their RoPE positions.
       kv_valid_BxS: which key slots hold real tokens; without a cache S == T.
       cache: None, or dict(k=[L, B, K, S, E], v=...) into which this call writes its T tokens at
-        slots cache_start..cache_start+T-1 before attending over all S slots.
+        slots cache_start..cache_start+T-1 before attending (densely) over all S slots.
+      segment_ids_BxT: packed rows (no cache only): int32 ids, 0 = padding; each token attends
+        to earlier-or-equal slots of its own nonzero segment. Tokens outside `kv_valid_BxS` count
+        as padding. Default: one segment, the valid tokens.
     """
     dt = config.dtype
+    T = tokens_BxT.shape[1]
     x = params["embed"].astype(dt)[tokens_BxT]
     x = sharding.constrain(x, ("batch", "length", "act_embed"))
     cos, sin = rope_cos_sin(config, positions_BxT)
-    mask = attention_mask(kv_valid_BxS, cache_start, tokens_BxT.shape[1])
 
     layer = functools.partial(_layer, config)
-    if config.remat:
-        layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+    policy = REMAT_POLICIES[config.remat]
+    if policy is not None:
+        layer = jax.checkpoint(layer, policy=policy)
 
     if cache is None:
+        if kv_valid_BxS.shape[1] != T:
+            raise ValueError(f"without a cache kv_valid_BxS must cover the {T} tokens, got "
+                             f"shape {kv_valid_BxS.shape}")
+        if segment_ids_BxT is None:
+            segments = kv_valid_BxS.astype(jnp.int32)
+        else:
+            segments = jnp.where(kv_valid_BxS, segment_ids_BxT.astype(jnp.int32), 0)
+
         def body(x, lp):
-            x, _ = layer(lp, x, cos, sin, mask, None, 0)
+            x, _ = layer(lp, x, cos, sin, segments, None, None, 0)
             return x, None
         x, _ = jax.lax.scan(body, x, params["layers"])
         new_cache = None
     else:
+        if segment_ids_BxT is not None:
+            raise ValueError("segment_ids_BxT is not supported with a KV cache (decoding is "
+                             "one sequence per row)")
+        mask = attention_mask(kv_valid_BxS, cache_start, T)
+
         # The whole cache is a loop carry, updated in place at (layer, new slots) only.
         def body(carry, lp_i):
             x, ck_all, cv_all = carry
             lp, i = lp_i
-            x, (ck_all, cv_all) = layer(lp, x, cos, sin, mask, (ck_all, cv_all, i), cache_start)
+            x, (ck_all, cv_all) = layer(lp, x, cos, sin, None, mask, (ck_all, cv_all, i),
+                                        cache_start)
             return (x, ck_all, cv_all), None
         (x, ck, cv), _ = jax.lax.scan(body, (x, cache["k"], cache["v"]),
                                       (params["layers"], jnp.arange(config.num_layers)))
@@ -304,13 +353,30 @@ def logits_from_hidden(config: ModelConfig, params: Params, h_BxTxD: jax.Array) 
 
 
 def apply(config: ModelConfig, params: Params, tokens_BxT: jax.Array,
-          valid_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None) -> jax.Array:
-    """Logits for padded sequences: `valid_BxT` marks real tokens; positions default to their count."""
+          valid_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None,
+          segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+    """float32 logits [B, T, V] of padded or packed rows.
+
+    Args:
+      tokens_BxT: int32 token ids.
+      valid_BxT: real tokens (default: all, or the nonzero segment ids when those are given).
+      positions_BxT: RoPE positions; default: the count of valid tokens before each token.
+      segment_ids_BxT: packed rows: int32 ids, 0 = padding, one nonzero id per sequence; tokens
+        attend causally within their own segment. Needs `positions_BxT`, restarting at 0 in each
+        segment (the caller knows where segments start).
+    """
+    if segment_ids_BxT is not None:
+        if positions_BxT is None:
+            raise ValueError("segment_ids_BxT needs positions_BxT (restarting at 0 in each "
+                             "segment); none were given")
+        if valid_BxT is None:
+            valid_BxT = segment_ids_BxT != 0
     if valid_BxT is None:
         valid_BxT = jnp.ones(tokens_BxT.shape, bool)
     if positions_BxT is None:
         positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0)
-    h, _ = hidden_states(config, params, tokens_BxT, positions_BxT, valid_BxT)
+    h, _ = hidden_states(config, params, tokens_BxT, positions_BxT, valid_BxT,
+                         segment_ids_BxT=segment_ids_BxT)
     return logits_from_hidden(config, params, h)
 
 

@@ -1,0 +1,336 @@
+"""Causal grouped-query attention, four ways: dense XLA, blockwise (flash-style, plain JAX), Pallas
+splash on TPU and cuDNN on GPU. `self_attention` picks one by name (`ModelConfig.attention`).
+
+Why: a dense softmax materialises float32 scores [B, H, T, S]; for Qwen2.5-Math-7B (H = 28) at
+T = S = 9,216 that is 9.5 GB per sequence per layer, and its backward keeps the probabilities too.
+The other three never hold more than one block of scores per head at a time.
+
+The mask rule, the same for all (`segment_mask`): query t sees key s iff s <= t (by slot), both
+carry the same segment id and that id is nonzero. Segment 0 is padding; several sequences packed
+in a row carry ids 1, 2, ... . The outputs at padding queries are don't-care values and differ
+between the implementations (dense: the uniform average of all values; blockwise: 0; splash and
+cuDNN: an average over earlier padding); callers mask them out of every loss.
+
+Shape key: B batch, T queries, S key/value slots, H query heads, K key/value heads, R = H // K
+query heads per key/value head, E head dim; q/k the query/key block sizes, n the number of blocks.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from relift_jax import sharding
+
+IMPLEMENTATIONS = ("xla", "blockwise", "splash", "cudnn")
+# The name under which blockwise and splash mark the residuals their backward needs (the output
+# and the logsumexp), so a remat policy can save them instead of rerunning the attention.
+RESIDUAL_NAME = "attention"
+_NEG = -1e30  # finite, so that max and exp of a fully masked block stay NaN-free
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# ----------------------------------------------------------------------------- masks and dense
+
+def attention_mask(kv_valid_BxS: jax.Array, start: jax.Array | int, T: int) -> jax.Array:
+    """Causal mask [B, T, S] for T queries that sit at slots start..start+T-1 of S key slots."""
+    S = kv_valid_BxS.shape[1]
+    q_slot_T = start + jnp.arange(T)
+    causal_TxS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
+    return causal_TxS[None] & kv_valid_BxS[:, None, :]
+
+
+def segment_mask(q_segment_ids_BxT: jax.Array, kv_segment_ids_BxS: jax.Array,
+                 q_start: int = 0) -> jax.Array:
+    """THE mask rule [B, T, S]: causal by slot, within one nonzero segment (module docstring)."""
+    T = q_segment_ids_BxT.shape[1]
+    same_BxTxS = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
+    return attention_mask(kv_segment_ids_BxS != 0, q_start, T) & same_BxTxS
+
+
+def attend(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
+           mask_BxTxS: jax.Array) -> jax.Array:
+    """Dense grouped-query attention; softmax in float32. Returns [B, T, H, E].
+
+    The reference for the others, and the KV-cache (decode) path, where T is 1 or a prompt.
+    """
+    B, T, H, E = q_BxTxHxE.shape
+    K = k_BxKxSxE.shape[1]
+    q = q_BxTxHxE.reshape(B, T, K, H // K, E)
+    scores_BxKxRxTxS = jnp.einsum("btkre,bkse->bkrts", q, k_BxKxSxE,
+                                  preferred_element_type=jnp.float32) / math.sqrt(E)
+    scores_BxKxRxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxRxTxS, -1e30)
+    probs = jax.nn.softmax(scores_BxKxRxTxS, axis=-1).astype(v_BxKxSxE.dtype)
+    out = jnp.einsum("bkrts,bkse->btkre", probs, v_BxKxSxE)
+    return out.reshape(B, T, H, E)
+
+
+# ----------------------------------------------------------------------------- blockwise
+
+def blockwise_attention(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
+                        q_segment_ids_BxT: jax.Array, kv_segment_ids_BxS: jax.Array, *,
+                        q_start: int = 0, block_q: int = 512, block_kv: int = 512) -> jax.Array:
+    """Flash-style attention in plain JAX: the `attend` of `segment_mask`, in blocks. [B, T, H, E].
+
+    Forward: for each block of queries, an online softmax (running max, sum and float32 output)
+    over the key blocks up to the causal diagonal; only one [B, K, R, q, k] block of scores lives
+    at a time, and blocks above the diagonal are skipped. It keeps the output and the float32
+    logsumexp [B, K, R, T] for the backward, which recomputes each block's probabilities from them
+    (FlashAttention-2): per key block, a loop over the query blocks on or below the diagonal adds
+    into dK, dV of that block and into one float32 dQ. So the backward holds q, k, v, the output,
+    dQ and one block's scores, never [T, S].
+
+    Grouped queries read their shared key/value head without copying it: q is viewed as
+    [B, T, K, R, E]. T and S are padded up to the block sizes (padding carries segment 0).
+
+    Args:
+      q_BxTxHxE, k_BxKxSxE, v_BxKxSxE: queries and keys/values (compute dtype).
+      q_segment_ids_BxT, kv_segment_ids_BxS: int32 segment ids, 0 = padding.
+      q_start: the slot of query 0 among the S key slots (static; 0 for self-attention).
+      block_q, block_kv: block sizes; each is cut to its length rounded up to 8 when longer.
+    """
+    B, T, H, E = q_BxTxHxE.shape
+    K, S = k_BxKxSxE.shape[1], k_BxKxSxE.shape[2]
+    bq, bk = min(block_q, _round_up(T, 8)), min(block_kv, _round_up(S, 8))
+    Tp, Sp = _round_up(T, bq), _round_up(S, bk)
+    q = jnp.pad(q_BxTxHxE.reshape(B, T, K, H // K, E), ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0)))
+    kv_pad = ((0, 0), (0, 0), (0, Sp - S), (0, 0))
+    k, v = jnp.pad(k_BxKxSxE, kv_pad), jnp.pad(v_BxKxSxE, kv_pad)
+    q_seg = jnp.pad(q_segment_ids_BxT.astype(jnp.int32), ((0, 0), (0, Tp - T)))
+    kv_seg = jnp.pad(kv_segment_ids_BxS.astype(jnp.int32), ((0, 0), (0, Sp - S)))
+    out_BxTpxKxRxE = _blockwise(q, k, v, q_seg, kv_seg, q_start, bq, bk)
+    return out_BxTpxKxRxE[:, :T].reshape(B, T, H, E)
+
+
+def _block_mask(q_slot0, q_seg_Bxq: jax.Array, kv_slot0, kv_seg_Bxk: jax.Array) -> jax.Array:
+    """`segment_mask` of one block, shaped [B, 1, 1, q, k] to broadcast over K and R."""
+    q_slots = q_slot0 + jnp.arange(q_seg_Bxq.shape[1])
+    kv_slots = kv_slot0 + jnp.arange(kv_seg_Bxk.shape[1])
+    causal_qxk = kv_slots[None, :] <= q_slots[:, None]
+    same_Bxqxk = (q_seg_Bxq[:, :, None] == kv_seg_Bxk[:, None, :]) & (kv_seg_Bxk[:, None, :] != 0)
+    return (causal_qxk[None] & same_Bxqxk)[:, None, None]
+
+
+def _scores(q_BxqxKxRxE, k_BxKxkxE, scale: float) -> jax.Array:
+    s = jnp.einsum("bqkre,bkse->bkrqs", q_BxqxKxRxE, k_BxKxkxE, preferred_element_type=jnp.float32)
+    return s * scale
+
+
+def _blockwise_forward(q, k, v, q_seg, kv_seg, q_start: int, bq: int, bk: int):
+    """(out [B, Tp, K, R, E] in q's dtype, logsumexp [B, K, R, Tp] float32) on padded inputs."""
+    B, Tp, K, R, E = q.shape
+    Sp = k.shape[2]
+    nq, nk = Tp // bq, Sp // bk
+    scale = 1.0 / math.sqrt(E)
+
+    def q_block(i):
+        q_i = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+        seg_i = jax.lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1)
+
+        def kv_step(j, carry):
+            m_BxKxRxq, l_BxKxRxq, acc_BxKxRxqxE = carry
+            k_j = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
+            v_j = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
+            seg_j = jax.lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1)
+            mask = _block_mask(q_start + i * bq, seg_i, j * bk, seg_j)
+            s = jnp.where(mask, _scores(q_i, k_j, scale), _NEG)
+            m_new = jnp.maximum(m_BxKxRxq, s.max(axis=-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            correction = jnp.exp(m_BxKxRxq - m_new)
+            l_new = l_BxKxRxq * correction + p.sum(axis=-1)
+            pv = jnp.einsum("bkrqs,bkse->bkrqe", p.astype(v.dtype), v_j,
+                            preferred_element_type=jnp.float32)
+            return m_new, l_new, acc_BxKxRxqxE * correction[..., None] + pv
+
+        # Key blocks past the one holding this query block's last slot are fully masked.
+        n_kv = jnp.minimum(nk, (q_start + (i + 1) * bq - 1) // bk + 1)
+        init = (jnp.full((B, K, R, bq), _NEG, jnp.float32), jnp.zeros((B, K, R, bq), jnp.float32),
+                jnp.zeros((B, K, R, bq, E), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, n_kv, kv_step, init)
+        seen = l > 0  # False only for queries that see no key (padding): output 0
+        out = acc / jnp.where(seen, l, 1.0)[..., None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        return out.astype(q.dtype), lse
+
+    outs_nxBxKxRxqxE, lses_nxBxKxRxq = jax.lax.map(q_block, jnp.arange(nq))
+    out = outs_nxBxKxRxqxE.transpose(1, 0, 4, 2, 3, 5).reshape(B, Tp, K, R, E)
+    lse = lses_nxBxKxRxq.transpose(1, 2, 3, 0, 4).reshape(B, K, R, Tp)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _blockwise(q, k, v, q_seg, kv_seg, q_start, bq, bk):
+    return _blockwise_forward(q, k, v, q_seg, kv_seg, q_start, bq, bk)[0]
+
+
+def _blockwise_fwd(q, k, v, q_seg, kv_seg, q_start, bq, bk):
+    out, lse = _blockwise_forward(q, k, v, q_seg, kv_seg, q_start, bq, bk)
+    out, lse = checkpoint_name(out, RESIDUAL_NAME), checkpoint_name(lse, RESIDUAL_NAME)
+    return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _blockwise_bwd(q_start, bq, bk, residuals, dout_BxTpxKxRxE):
+    q, k, v, q_seg, kv_seg, out, lse_BxKxRxTp = residuals
+    B, Tp, K, R, E = q.shape
+    Sp = k.shape[2]
+    nq, nk = Tp // bq, Sp // bk
+    scale = 1.0 / math.sqrt(E)
+    dout = dout_BxTpxKxRxE.astype(q.dtype)
+    # D = rowsum(dO * O) = rowsum(dP * P): the softmax backward's per-query term.
+    d_BxKxRxTp = jnp.einsum("btkre,btkre->bkrt", dout.astype(jnp.float32),
+                            out.astype(jnp.float32))
+
+    def kv_block(dq_BxTpxKxRxE, j):
+        k_j = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
+        v_j = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
+        seg_j = jax.lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1)
+
+        def q_step(i, carry):
+            dq, dk_BxKxkxE, dv_BxKxkxE = carry
+            q_i = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+            do_i = jax.lax.dynamic_slice_in_dim(dout, i * bq, bq, axis=1)
+            seg_i = jax.lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1)
+            lse_i = jax.lax.dynamic_slice_in_dim(lse_BxKxRxTp, i * bq, bq, axis=3)
+            d_i = jax.lax.dynamic_slice_in_dim(d_BxKxRxTp, i * bq, bq, axis=3)
+            mask = _block_mask(q_start + i * bq, seg_i, j * bk, seg_j)
+            s = _scores(q_i, k_j, scale)
+            p = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - lse_i[..., None]), 0.0)
+            dv_BxKxkxE += jnp.einsum("bkrqs,bqkre->bkse", p.astype(v.dtype), do_i,
+                                     preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bqkre,bkse->bkrqs", do_i, v_j, preferred_element_type=jnp.float32)
+            ds = (p * (dp - d_i[..., None])).astype(q.dtype)
+            dk_BxKxkxE += scale * jnp.einsum("bkrqs,bqkre->bkse", ds, q_i,
+                                             preferred_element_type=jnp.float32)
+            dq_i = scale * jnp.einsum("bkrqs,bkse->bqkre", ds, k_j,
+                                      preferred_element_type=jnp.float32)
+            dq = jax.lax.dynamic_update_slice_in_dim(
+                dq, jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dq_i, i * bq, axis=1)
+            return dq, dk_BxKxkxE, dv_BxKxkxE
+
+        # Query blocks before the one holding this key block's first slot cannot see it.
+        i0 = jnp.maximum(0, (j * bk - q_start) // bq)
+        zeros = jnp.zeros((B, K, bk, E), jnp.float32)
+        dq, dk, dv = jax.lax.fori_loop(i0, nq, q_step, (dq_BxTpxKxRxE, zeros, zeros))
+        return dq, (dk, dv)
+
+    dq, (dks, dvs) = jax.lax.scan(kv_block, jnp.zeros((B, Tp, K, R, E), jnp.float32),
+                                  jnp.arange(nk))
+    # [n, B, K, k, E] -> [B, K, Sp, E]
+    dk = dks.transpose(1, 2, 0, 3, 4).reshape(B, K, Sp, E)
+    dv = dvs.transpose(1, 2, 0, 3, 4).reshape(B, K, Sp, E)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# ----------------------------------------------------------------------------- TPU: splash
+
+def _head_specs(mesh, H: int, K: int):
+    """shard_map specs (q [B, H, T, E], k/v [B, K, S, E], segment ids [B, T]) from the logical
+    rules: batch over its mesh axes, heads over theirs when they divide both H and K (splash maps
+    query head h to key head h // R inside each shard, so both must be split alike)."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    batch, heads = sharding.logical_to_spec(("batch", "act_heads"))
+    head_axes = (heads,) if isinstance(heads, str) else tuple(heads or ())
+    n = int(np.prod([sizes[a] for a in head_axes]))
+    if not head_axes or H % n or K % n:
+        heads = None
+    qkv = jax.sharding.PartitionSpec(batch, heads, None, None)
+    return qkv, qkv, jax.sharding.PartitionSpec(batch, None)
+
+
+def splash_attention(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
+                     segment_ids_BxT: jax.Array, *, block_q: int = 512,
+                     block_kv: int = 512) -> jax.Array:
+    """Self-attention (S == T) with the Pallas TPU splash kernel: a static causal mask and'ed
+    with `SegmentIds` (padding is segment 0), grouped queries natively. TPU only. [B, T, H, E].
+
+    Blocks are cut to T rounded up to 128 (the kernel's lane width) and T is padded to a
+    multiple of both. Under a mesh (`jax.set_mesh`), the kernel runs per shard in a shard_map
+    (a Pallas call cannot be partitioned by XLA): batch over the batch axes, heads over the
+    tensor axis where it divides the key/value heads, the sequence never split.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    B, T, H, E = q_BxTxHxE.shape
+    K = k_BxKxSxE.shape[1]
+    bq, bk = min(block_q, _round_up(T, 128)), min(block_kv, _round_up(T, 128))
+    Tp = _round_up(T, math.lcm(bq, bk))
+    # The kernel does not scale the scores: scale q, as the dense path divides q.k by sqrt(E).
+    q = (q_BxTxHxE * (1.0 / math.sqrt(E))).astype(q_BxTxHxE.dtype).transpose(0, 2, 1, 3)
+    pad = ((0, 0), (0, 0), (0, Tp - T), (0, 0))
+    q, k, v = jnp.pad(q, pad), jnp.pad(k_BxKxSxE, pad), jnp.pad(v_BxKxSxE, pad)
+    seg = jnp.pad(segment_ids_BxT.astype(jnp.int32), ((0, 0), (0, Tp - T)))
+    block_sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
+                                block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
+                                block_kv_dq=bk)
+
+    def local(q_bxhxTxE, k_bxkxTxE, v_bxkxTxE, seg_bxT):
+        causal = sm.CausalMask((Tp, Tp))
+        kernel = sk.make_splash_mha(sm.MultiHeadMask([causal] * q_bxhxTxE.shape[1]),
+                                    head_shards=1, q_seq_shards=1, block_sizes=block_sizes,
+                                    residual_checkpoint_name=RESIDUAL_NAME)
+        return jax.vmap(kernel)(q_bxhxTxE, k_bxkxTxE, v_bxkxTxE,
+                                segment_ids=sk.SegmentIds(seg_bxT, seg_bxT))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        q_spec, kv_spec, seg_spec = _head_specs(mesh, H, K)
+        local = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+                              out_specs=q_spec, check_vma=False)
+    out_BxHxTpxE = local(q, k, v, seg)
+    return out_BxHxTpxE[:, :, :T].transpose(0, 2, 1, 3).astype(q_BxTxHxE.dtype)
+
+
+# ----------------------------------------------------------------------------- GPU: cuDNN
+
+def cudnn_attention(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
+                    segment_ids_BxT: jax.Array) -> jax.Array:
+    """Self-attention with cuDNN's fused flash kernel via `jax.nn.dot_product_attention`. GPU,
+    bfloat16/float16 only. [B, T, H, E].
+
+    jax.nn.dot_product_attention takes no segment ids (only right-padding lengths), so the
+    segment rule goes in as a boolean `mask` [B, 1, T, T], which it turns into an additive bias in
+    the compute dtype (and cuDNN returns that bias's unused gradient): 2 bytes per (t, s) per row
+    instead of the dense path's 4 * H float32 bytes per head, and no probabilities kept. With
+    `is_causal`, cuDNN skips the blocks above the diagonal.
+    """
+    mask_Bx1xTxT = segment_mask(segment_ids_BxT, segment_ids_BxT)[:, None]
+    return jax.nn.dot_product_attention(
+        q_BxTxHxE, k_BxKxSxE.transpose(0, 2, 1, 3), v_BxKxSxE.transpose(0, 2, 1, 3),
+        mask=mask_Bx1xTxT, is_causal=True, implementation="cudnn")
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def self_attention(implementation: str, q_BxTxHxE: jax.Array, k_BxKxTxE: jax.Array,
+                   v_BxKxTxE: jax.Array, segment_ids_BxT: jax.Array, *, block_q: int = 512,
+                   block_kv: int = 512) -> jax.Array:
+    """Causal self-attention of one packed/padded batch under `segment_mask`. Returns [B, T, H, E].
+
+    Args:
+      implementation: one of IMPLEMENTATIONS.
+      segment_ids_BxT: int32, 0 = padding, equal nonzero ids = one sequence.
+      block_q, block_kv: block sizes of blockwise and splash.
+    """
+    seg = segment_ids_BxT
+    if implementation == "xla":
+        return attend(q_BxTxHxE, k_BxKxTxE, v_BxKxTxE, segment_mask(seg, seg))
+    if implementation == "blockwise":
+        return blockwise_attention(q_BxTxHxE, k_BxKxTxE, v_BxKxTxE, seg, seg, block_q=block_q,
+                                   block_kv=block_kv)
+    if implementation == "splash":
+        return splash_attention(q_BxTxHxE, k_BxKxTxE, v_BxKxTxE, seg, block_q=block_q,
+                                block_kv=block_kv)
+    if implementation == "cudnn":
+        return cudnn_attention(q_BxTxHxE, k_BxKxTxE, v_BxKxTxE, seg)
+    raise ValueError(f"attention {implementation!r} is not one of {IMPLEMENTATIONS}")
