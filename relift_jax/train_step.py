@@ -112,13 +112,8 @@ def token_logprobs(config: ModelConfig, params: Params, tokens_bxT: jax.Array,
     recomputed in the backward pass, so no `[b, T, V]` float32 logits tensor ever exists (at
     T = 9,216 and V = 152,064 that would be 5.6 GB per sequence).
     """
-    try:  # TEMPORARY until model.py's segment ids land
-        h_bxTxD, _ = hidden_states(config, params, tokens_bxT[:, :-1], positions_bxT[:, :-1],
-                                   segment_ids_bxT[:, :-1] > 0,
-                                   segment_ids_BxT=segment_ids_bxT[:, :-1])
-    except TypeError:
-        h_bxTxD, _ = hidden_states(config, params, tokens_bxT[:, :-1], positions_bxT[:, :-1],
-                                   segment_ids_bxT[:, :-1] > 0)
+    h_bxTxD, _ = hidden_states(config, params, tokens_bxT[:, :-1], positions_bxT[:, :-1],
+                               segment_ids_bxT[:, :-1] > 0, segment_ids_BxT=segment_ids_bxT[:, :-1])
     targets_bxT = tokens_bxT[:, 1:]
 
     def project(h_bxcxD, t_bxc):
