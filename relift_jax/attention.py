@@ -302,12 +302,18 @@ def cudnn_attention(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.A
     segment rule goes in as a boolean `mask` [B, 1, T, T], which it turns into an additive bias in
     the compute dtype (and cuDNN returns that bias's unused gradient): 2 bytes per (t, s) per row
     instead of the dense path's 4 * H float32 bytes per head, and no probabilities kept. With
-    `is_causal`, cuDNN skips the blocks above the diagonal.
+    `is_causal`, cuDNN skips the blocks above the diagonal. T is padded to a multiple of 8.
     """
-    mask_Bx1xTxT = segment_mask(segment_ids_BxT, segment_ids_BxT)[:, None]
-    return jax.nn.dot_product_attention(
-        q_BxTxHxE, k_BxKxSxE.transpose(0, 2, 1, 3), v_BxKxSxE.transpose(0, 2, 1, 3),
-        mask=mask_Bx1xTxT, is_causal=True, implementation="cudnn")
+    T = q_BxTxHxE.shape[1]
+    Tp = _round_up(T, 8)  # cuDNN's backward with a bias needs an even length
+    seg = jnp.pad(segment_ids_BxT.astype(jnp.int32), ((0, 0), (0, Tp - T)))
+    mask_Bx1xTxT = segment_mask(seg, seg)[:, None]
+    pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
+    out_BxTpxHxE = jax.nn.dot_product_attention(
+        jnp.pad(q_BxTxHxE, pad), jnp.pad(k_BxKxSxE.transpose(0, 2, 1, 3), pad),
+        jnp.pad(v_BxKxSxE.transpose(0, 2, 1, 3), pad), mask=mask_Bx1xTxT, is_causal=True,
+        implementation="cudnn")
+    return out_BxTpxHxE[:, :T]
 
 
 # ----------------------------------------------------------------------------- dispatch
