@@ -21,7 +21,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from relift_jax import sharding
@@ -100,7 +99,8 @@ def blockwise_attention(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: j
     K, S = k_BxKxSxE.shape[1], k_BxKxSxE.shape[2]
     bq, bk = min(block_q, _round_up(T, 8)), min(block_kv, _round_up(S, 8))
     Tp, Sp = _round_up(T, bq), _round_up(S, bk)
-    q = jnp.pad(q_BxTxHxE.reshape(B, T, K, H // K, E), ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0)))
+    q_pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0))
+    q = jnp.pad(q_BxTxHxE.reshape(B, T, K, H // K, E), q_pad)
     kv_pad = ((0, 0), (0, 0), (0, Sp - S), (0, 0))
     k, v = jnp.pad(k_BxKxSxE, kv_pad), jnp.pad(v_BxKxSxE, kv_pad)
     q_seg = jnp.pad(q_segment_ids_BxT.astype(jnp.int32), ((0, 0), (0, Tp - T)))
@@ -233,18 +233,18 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 # ----------------------------------------------------------------------------- TPU: splash
 
-def _head_specs(mesh, H: int, K: int):
+def _splash_specs(mesh, q_shape, kv_shape):
     """shard_map specs (q [B, H, T, E], k/v [B, K, S, E], segment ids [B, T]) from the logical
-    rules: batch over its mesh axes, heads over theirs when they divide both H and K (splash maps
-    query head h to key head h // R inside each shard, so both must be split alike)."""
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    batch, heads = sharding.logical_to_spec(("batch", "act_heads"))
-    head_axes = (heads,) if isinstance(heads, str) else tuple(heads or ())
-    n = int(np.prod([sizes[a] for a in head_axes]))
-    if not head_axes or H % n or K % n:
-        heads = None
-    qkv = jax.sharding.PartitionSpec(batch, heads, None, None)
-    return qkv, qkv, jax.sharding.PartitionSpec(batch, None)
+    rules, dropping mesh axes that do not divide their dimension: batch over the batch axes, heads
+    over theirs only when they divide both H and K (splash maps query head h to key head h // R
+    inside each shard, so both must be split alike). The sequence is never split."""
+    P = jax.sharding.PartitionSpec
+    axes = ("batch", "act_heads", None, None)
+    q_spec = sharding.named_sharding(mesh, axes, q_shape).spec
+    kv_spec = sharding.named_sharding(mesh, axes, kv_shape).spec
+    batch = q_spec[0]
+    heads = q_spec[1] if q_spec[1] == kv_spec[1] else None
+    return P(batch, heads, None, None), P(batch, heads, None, None), P(batch, None)
 
 
 def splash_attention(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
@@ -261,8 +261,7 @@ def splash_attention(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    B, T, H, E = q_BxTxHxE.shape
-    K = k_BxKxSxE.shape[1]
+    T, E = q_BxTxHxE.shape[1], q_BxTxHxE.shape[3]
     bq, bk = min(block_q, _round_up(T, 128)), min(block_kv, _round_up(T, 128))
     Tp = _round_up(T, math.lcm(bq, bk))
     # The kernel does not scale the scores: scale q, as the dense path divides q.k by sqrt(E).
@@ -284,7 +283,7 @@ def splash_attention(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.
 
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
-        q_spec, kv_spec, seg_spec = _head_specs(mesh, H, K)
+        q_spec, kv_spec, seg_spec = _splash_specs(mesh, q.shape, k.shape)
         local = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
                               out_specs=q_spec, check_vma=False)
     out_BxHxTpxE = local(q, k, v, seg)

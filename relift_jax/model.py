@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from relift_jax import attention as attn_lib
 from relift_jax import sharding
-from relift_jax.attention import attend, attention_mask  # noqa: F401  (public here since before)
+from relift_jax.attention import attend, attention_mask
 
 Params = dict[str, Any]
 

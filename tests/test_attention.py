@@ -299,6 +299,21 @@ def test_segment_ids_need_positions_and_no_cache(params):
 
 # ----------------------------------------------------------------------------- accelerators
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs tests/conftest.py's 8 CPU devices")
+def test_splash_shard_map_specs_follow_the_rules_table():
+    """Batch over (data, fsdp), heads over tensor only where it divides the key/value heads too
+    (query head h reads key head h // R inside each shard), never the sequence."""
+    P = jax.sharding.PartitionSpec
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    q_spec, kv_spec, seg_spec = attention._splash_specs(mesh, (4, 28, 512, 128), (4, 4, 512, 128))
+    assert q_spec == kv_spec == P(("data", "fsdp"), "tensor", None, None)
+    assert seg_spec == P(("data", "fsdp"), None)
+    # One key/value head cannot be split over tensor = 2: neither are the query heads; a batch of
+    # 2 is split over data only.
+    q_spec, kv_spec, _ = attention._splash_specs(mesh, (2, 28, 512, 128), (2, 1, 512, 128))
+    assert q_spec == kv_spec == P("data", None, None, None)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed (pip install 'jax[tpu]')")
 def test_splash_and_blockwise_compile_for_tpu_ahead_of_time():
