@@ -33,5 +33,8 @@ setup(
         # torch only builds the Hugging Face reference models in tests and benchmarks; pinned
         # exactly so pip takes the CPU wheel instead of a multi-GB CUDA build.
         "test": ["torch==2.13.0", "pytest", "pytest-xdist"],
+        # libtpu, for `python -m relift_jax.aot` (compiling for a TPU topology on any machine);
+        # pinned to the jax of install_requires, which libtpu must match.
+        "aot": ["jax[tpu]==0.10.2"],
     },
 )
