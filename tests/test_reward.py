@@ -28,6 +28,12 @@ from relift_jax.grading import (
 )
 from relift_jax.reward import RewardScorer, pass_at_k
 
+import reward_workers
+from reward_workers import length_reward
+
+# The custom rewards sent to workers live in a module that is cheap to import (see its docstring).
+HERE = reward_workers.__name__
+
 SHARED = pathlib.Path(os.environ.get(
     "RELIFT_SHARED", pathlib.Path(__file__).resolve().parent.parent.parent / "shared")) / "data"
 
@@ -35,41 +41,6 @@ SHARED = pathlib.Path(os.environ.get(
 def think(answer: str, thought: str = "Let me compute this step by step...") -> str:
     """A realistic response: reasoning, the closing tag, then the answer part."""
     return f"{thought}\n</think>\n{answer}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker helpers: module-level so that spawned workers can import them by "module:function".
-# ---------------------------------------------------------------------------------------------
-
-
-def hang_on_marker(response: str, ground_truth: str, *, require_think_close: bool = True) -> float:
-    """Hangs forever on the marker response (a deterministic stand-in for a sympy hang)."""
-    if "HANG" in response:
-        while True:
-            time.sleep(60)
-    return math_reward(response, ground_truth, require_think_close=require_think_close)
-
-
-def exit_on_marker(response: str, ground_truth: str, *, require_think_close: bool = True) -> float:
-    """Kills its own process on the marker (a stand-in for a segfault in a C extension)."""
-    if "CRASH" in response:
-        os._exit(3)
-    return math_reward(response, ground_truth, require_think_close=require_think_close)
-
-
-def raise_on_marker(response: str, ground_truth: str, *, require_think_close: bool = True) -> float:
-    """Raises on the marker (a buggy custom reward)."""
-    if "BOOM" in response:
-        raise ValueError("boom from a custom reward")
-    return 1.0
-
-
-def length_reward(response: str, ground_truth: str, *, require_think_close: bool = True) -> float:
-    """A custom non-binary reward used to check that custom rewards plug in."""
-    return 0.5 if len(response) > len(ground_truth) else 0.25
-
-
-HERE = __name__  # the name spawned workers import this module under
 
 
 # ---------------------------------------------------------------------------------------------
