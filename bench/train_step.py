@@ -382,8 +382,9 @@ def main() -> int:
     p.add_argument("--response_max", type=int, default=None, help="default 256; --gpu 2048")
     p.add_argument("--micro_batch_size", type=int, default=8, help="rows, packing off")
     p.add_argument("--tokens_per_micro_batch", type=int, default=None,
-                   help="packing on (default: micro_batch_size x the packing-off row length, the "
-                        "same slots per micro-batch; --gpu: 16384)")
+                   help="packing on (default: micro_batch_size x the longest possible sequence, "
+                        "prompt + response maxima rounded up to 16: the slots of a packing-off "
+                        "micro-batch at worst; --gpu: 16384)")
     p.add_argument("--row_len", type=int, default=None,
                    help="packed row length (default: one row per micro-batch on CPU; --gpu 4096)")
     p.add_argument("--repeats", type=int, default=3)
@@ -430,12 +431,11 @@ def main() -> int:
 
     # The plan. CPU: per size, per step, per attention, packing off then on (the ratio's pair).
     # GPU: breadth first, so a budget cut still leaves every model's main number: RL per
-    # attention per model, then SFT per model with the first attention.
+    # attention per model, then SFT per model with the attention that worked for its RL step.
     if gpu:
         plan = [(s, a, "rl", pk) for a in attentions for s in sizes
                 for pk in packings] if "rl" in steps else []
         if "sft" in steps:
-            # The SFT step with whichever attention worked for that model's RL step.
             plan += [(s, None if "rl" in steps else attentions[0], "sft", pk) for s in sizes
                      for pk in packings]
     else:
