@@ -123,6 +123,13 @@ def _scores(q_BxqxKxRxE, k_BxKxkxE, scale: float) -> jax.Array:
     return s * scale
 
 
+def _kv_block(k, v, kv_seg, j, bk: int):
+    """Key block j: (k [B, K, bk, E], v [B, K, bk, E], segment ids [B, bk])."""
+    return (jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2),
+            jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2),
+            jax.lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1))
+
+
 def _blockwise_forward(q, k, v, q_seg, kv_seg, q_start: int, bq: int, bk: int):
     """(out [B, Tp, K, R, E] in q's dtype, logsumexp [B, K, R, Tp] float32) on padded inputs."""
     B, Tp, K, R, E = q.shape
@@ -136,9 +143,7 @@ def _blockwise_forward(q, k, v, q_seg, kv_seg, q_start: int, bq: int, bk: int):
 
         def kv_step(j, carry):
             m_BxKxRxq, l_BxKxRxq, acc_BxKxRxqxE = carry
-            k_j = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
-            v_j = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
-            seg_j = jax.lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1)
+            k_j, v_j, seg_j = _kv_block(k, v, kv_seg, j, bk)
             mask = _block_mask(q_start + i * bq, seg_i, j * bk, seg_j)
             s = jnp.where(mask, _scores(q_i, k_j, scale), _NEG)
             m_new = jnp.maximum(m_BxKxRxq, s.max(axis=-1))
@@ -188,9 +193,7 @@ def _blockwise_bwd(q_start, bq, bk, residuals, dout_BxTpxKxRxE):
                             out.astype(jnp.float32))
 
     def kv_block(dq_BxTpxKxRxE, j):
-        k_j = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
-        v_j = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
-        seg_j = jax.lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1)
+        k_j, v_j, seg_j = _kv_block(k, v, kv_seg, j, bk)
 
         def q_step(i, carry):
             dq, dk_BxKxkxE, dv_BxKxkxE = carry

@@ -25,12 +25,16 @@ from relift_jax.train_step import (TrainState, init_state, jit_step, make_optimi
 
 # ----------------------------------------------------------------------------- model
 
-def load_model(cfg: ModelLoadConfig, shardings_for: Callable | None = None
-               ) -> tuple[model.ModelConfig, Any, Any, str | None]:
-    """(config, params, tokenizer, model folder) from a Hugging Face folder, or a random init."""
+def check_model_path(cfg: ModelLoadConfig) -> None:
     if cfg.path is not None and not os.path.exists(cfg.path):
         raise ConfigError(f"ModelLoadConfig.path = {cfg.path!r}: no such folder (models load "
                           f"from a local Hugging Face folder, never from a hub)")
+
+
+def load_model(cfg: ModelLoadConfig, shardings_for: Callable | None = None
+               ) -> tuple[model.ModelConfig, Any, Any, str | None]:
+    """(config, params, tokenizer, model folder) from a Hugging Face folder, or a random init."""
+    check_model_path(cfg)
     tok_path = cfg.tokenizer_path or cfg.path
     if tok_path == "toy":
         from relift_jax.toy.tokenizer import TOKENIZER_DIR

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from relift_jax import model
+from relift_jax.attention import IMPLEMENTATIONS
 from relift_jax.losses import AGG_MODES, K3_AMBIGUOUS, KL_KINDS, SEQ_NORM_DENOMINATORS
 from relift_jax.sharding import MeshConfig
 
@@ -19,8 +21,8 @@ class ConfigError(ValueError):
     """
 
 
-REMAT_POLICIES = ("none", "full", "save_matmuls")
-ATTENTION_IMPLS = ("xla", "blockwise", "splash", "cudnn")
+REMAT_POLICIES = tuple(model.REMAT_POLICIES)
+ATTENTION_IMPLS = IMPLEMENTATIONS
 MODES = ("relift", "rl", "sft", "sft_then_rl", "rl_with_sft_loss", "relift_uniform")
 
 

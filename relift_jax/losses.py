@@ -395,6 +395,21 @@ def sft_loss(
         tokens in THIS batch).
     """
     logprobs_BxT, entropy_BxT = token_logprobs_and_entropy(logits, targets)
+    return sft_loss_from_logprobs(logprobs_BxT, entropy_BxT, mask, entropy_coef=entropy_coef,
+                                  num_tokens=num_tokens)
+
+
+def sft_loss_from_logprobs(
+    logprobs: ArrayLike,
+    entropy: ArrayLike,
+    mask: ArrayLike,
+    *,
+    entropy_coef: float = 0.0,
+    num_tokens: ArrayLike | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`sft_loss` from the targets' log-probabilities and the entropies `[B, T]` (the train step
+    computes them in chunks, never as `[B, T, V]` logits); same returns."""
+    logprobs_BxT, entropy_BxT = logprobs, entropy
     mask_BxT = jnp.asarray(mask).astype(jnp.float32)
     nll = _masked_token_mean(-logprobs_BxT, mask_BxT, num_tokens)
     entropy = _masked_token_mean(entropy_BxT, mask_BxT, num_tokens)

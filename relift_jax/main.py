@@ -122,26 +122,19 @@ def load_job(gin_files: Sequence[str], bindings: Sequence[str] = (), *,
     return Job(args["run_dir"], configs, operative, args["stop_after"])
 
 
-def _check_model_folder(job: Job) -> None:
-    m = job.configs.model
-    if m.path is not None and not os.path.exists(m.path) and not m.build_gin:
-        raise ConfigError(f"ModelLoadConfig.path = {m.path!r}: no such folder (models load from a "
-                          f"local Hugging Face folder, never from a hub)")
-
-
 def run_job(job: Job) -> dict:
     """Builds the base model first when the job says how (the toy recipe), then trains."""
-    from relift_jax import train
+    from relift_jax import build, train
     m = job.configs.model
     if m.path is not None and not os.path.exists(m.path) and m.build_gin:
         base = load_job([m.build_gin], run_dir=m.build_run_dir)
-        _check_model_folder(base)
+        build.check_model_path(base.configs.model)
         print(f"{m.path} is absent: building it with --gin_file={m.build_gin}", flush=True)
         run_job(base)
         if not os.path.exists(m.path):
             raise ConfigError(f"ModelLoadConfig.build_gin = {m.build_gin!r} ran but did not create "
                               f"ModelLoadConfig.path = {m.path!r}")
-    _check_model_folder(job)
+    build.check_model_path(m)
     return train.run(job.run_dir, job.configs, stop_after=job.stop_after,
                      operative_gin=job.operative_gin)
 

@@ -135,13 +135,12 @@ def token_logprobs(config: ModelConfig, params: Params, tokens_bxT: jax.Array,
     return jnp.pad(logp, ((0, 0), (1, 0))), jnp.pad(ent, ((0, 0), (1, 0)))
 
 
-def _sft_terms(config, params, mb: SFTMicroBatch, num_tokens, chunk_len: int):
-    """(nll, entropy): token means over the demonstration tokens, with the batch's denominator."""
+def _sft_terms(config, params, mb: SFTMicroBatch, num_tokens, chunk_len: int, entropy_coef: float):
+    """losses.sft_loss on a micro-batch, with the batch's token count as denominator."""
     logp, ent = token_logprobs(config, params, mb.tokens_bxT, mb.segment_ids_bxT, mb.positions_bxT,
                                chunk_len=chunk_len)
-    nll = losses.aggregate(-logp, mb.loss_mask_bxT, "token-mean", num_tokens=num_tokens)
-    entropy = losses.aggregate(ent, mb.loss_mask_bxT, "token-mean", num_tokens=num_tokens)
-    return nll, entropy
+    return losses.sft_loss_from_logprobs(logp, ent, mb.loss_mask_bxT, entropy_coef=entropy_coef,
+                                         num_tokens=num_tokens)
 
 
 def _rl_loss(params, mb: RLMicroBatch, totals: RLBatch, *, config: ModelConfig, rl: RLConfig,
@@ -164,18 +163,17 @@ def _rl_loss(params, mb: RLMicroBatch, totals: RLBatch, *, config: ModelConfig, 
         loss = loss + rl.kl_coef * kl
         metrics["kl"] = kl
     if mb.sft is not None:  # mode rl_with_sft_loss: an SFT loss added to every RL update
-        nll, _ = _sft_terms(config, params, mb.sft, totals.sft_num_tokens, chunk_len)
-        loss = loss + rl.sft_loss_coef * nll
-        metrics["sft_nll"] = nll
+        _, sm = _sft_terms(config, params, mb.sft, totals.sft_num_tokens, chunk_len, 0.0)
+        loss = loss + rl.sft_loss_coef * sm["nll"]
+        metrics["sft_nll"] = sm["nll"]
     metrics["loss"] = loss
     return loss, metrics
 
 
 def _sft_loss(params, mb: SFTMicroBatch, totals: SFTBatch, *, config: ModelConfig,
               sft: SFTConfig, chunk_len: int):
-    nll, entropy = _sft_terms(config, params, mb, totals.num_tokens, chunk_len)
-    loss = nll - sft.entropy_coef * entropy
-    return loss, {"loss": loss, "nll": nll, "entropy": entropy}
+    loss, m = _sft_terms(config, params, mb, totals.num_tokens, chunk_len, sft.entropy_coef)
+    return loss, {"loss": loss, "nll": m["nll"], "entropy": m["entropy"]}
 
 
 def _accumulate(loss_fn, params, batch):
