@@ -18,6 +18,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from relift_jax import sharding
 from relift_jax.model import ModelConfig, Params, RopeScaling, param_shapes
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
@@ -222,7 +223,7 @@ def load_checkpoint(path: str, dtype=jnp.float32, *, compute_dtype=None,
 
 def to_hf_tensors(config: ModelConfig, params: Params, dtype=None) -> dict[str, np.ndarray]:
     """Flat {Hugging Face name: numpy array} (gathers sharded arrays to the host)."""
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+    host = jax.tree.map(np.asarray, sharding.global_to_host(params))  # every process joins
     out: dict[str, np.ndarray] = {}
 
     def put(name, x, tr):

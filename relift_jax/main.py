@@ -1,5 +1,10 @@
 """Entry point: `python -m relift_jax.main --gin_file=A.gin [--gin_file=B.gin] [--gin.NAME=VALUE ...]
-[--gin_search_paths=DIR,DIR] [--run_dir=PATH]`.
+[--gin_search_paths=DIR,DIR] [--run_dir=PATH] [multi-host flags]`.
+
+Multi-host (one process per host, every process runs the same command): on a Cloud TPU VM pass
+`--distributed` (or set RELIFT_DISTRIBUTED=1) and JAX reads the coordinator from the TPU metadata;
+elsewhere (GPU hosts, CPU tests) pass `--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`. CPU processes talk through gloo.
 
 The only place (with the evaluate CLI, which calls `parse_gin` here) that reads gin. t5x-style: gin
 files are repeatable, `--gin.X=Y` flags become bindings applied after the files, `--run_dir` binds the
@@ -14,6 +19,7 @@ import dataclasses
 import logging
 import os
 import sys
+import traceback
 from typing import Any, Sequence
 
 import gin
@@ -119,6 +125,10 @@ def load_job(gin_files: Sequence[str], bindings: Sequence[str] = (), *,
         gin.clear_config()
     if not args["run_dir"]:
         raise ConfigError("run.run_dir: required (pass --run_dir=PATH or bind run.run_dir)")
+    if "://" in args["run_dir"]:
+        raise ConfigError(f"run.run_dir = {args['run_dir']!r}: a URL is not a folder; relift_jax "
+                          f"writes through the file system: mount the bucket (gcsfuse, as "
+                          f"tpu/stage.sh does) and pass its folder, e.g. /gcs/BUCKET/runs/NAME")
     return Job(args["run_dir"], configs, operative, args["stop_after"])
 
 
@@ -145,6 +155,15 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     p.add_argument("--gin_search_paths", default="", help="comma-separated folders for gin files")
     p.add_argument("--run_dir", default=None, help="run directory (binds the RUN_DIR macro)")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host from the environment (TPU metadata); same as RELIFT_DISTRIBUTED=1")
+    p.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
+    p.add_argument("--num_processes", type=int, default=None, help="number of processes")
+    p.add_argument("--process_id", type=int, default=None, help="this process, 0..N-1")
+    p.add_argument("--initialization_timeout_s", type=int, default=300,
+                   help="how long to wait for every process to join")
+    p.add_argument("--heartbeat_timeout_s", type=int, default=30,
+                   help="a process not heard from for this long is dead: the others exit non-zero")
     args, rest = p.parse_known_args(argv)
     bindings = []
     for a in rest:
@@ -156,22 +175,68 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
         bindings.append(f"{name} = {value}")
     if not args.gin_file:
         p.error("give at least one --gin_file (for example gin/toy/relift.gin)")
+    explicit = [args.coordinator_address, args.num_processes, args.process_id]
+    if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+        p.error("--coordinator_address, --num_processes and --process_id go together")
+    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        p.error(f"--process_id={args.process_id}: must be in [0, {args.num_processes})")
     args.gin_bindings = bindings
     return args
 
 
+def initialize_distributed(args: argparse.Namespace) -> bool:
+    """Joins the processes of a multi-host run; False (and nothing done) for a single process.
+
+    Every process then sees the global device list; `jax.distributed` exits a process whose peer
+    died (its heartbeat times out) instead of letting a collective wait forever.
+    """
+    auto = args.distributed or os.environ.get("RELIFT_DISTRIBUTED") == "1"
+    if args.coordinator_address is None and not auto:
+        return False
+    import jax
+    # Only the CPU backend reads this (GPU and TPU have their own collectives): CPU processes of
+    # one run need it to run a cross-process collective at all.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.coordinator_address is None:
+        jax.distributed.initialize(initialization_timeout=args.initialization_timeout_s,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout_s)
+    else:
+        jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
+                                   process_id=args.process_id,
+                                   initialization_timeout=args.initialization_timeout_s,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout_s)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_flags(sys.argv[1:] if argv is None else argv)
-    if os.environ.get("RELIFT_DISTRIBUTED") == "1":  # multi-host: one process per TPU host
-        import jax
-        jax.distributed.initialize()
+    multi = initialize_distributed(args)
     try:
         job = load_job(args.gin_file, args.gin_bindings, run_dir=args.run_dir,
                        search_paths=[p for p in args.gin_search_paths.split(",") if p])
         return run_job(job)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit(2, multi)
+    except (Exception, KeyboardInterrupt):
+        if not multi:
+            raise
+        traceback.print_exc()
+        _exit(1, multi)
+
+
+def _exit(status: int, multi: bool) -> None:
+    """Exits; a process of a multi-host run skips the distributed shutdown barrier.
+
+    The barrier waits for every peer, and a peer still inside a collective never arrives: the failed
+    process would hang, its heartbeats would go on, and so would the peers' wait. Ending at once
+    stops the heartbeats, and every peer exits non-zero within the heartbeat timeout.
+    """
+    if not multi:
+        raise SystemExit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

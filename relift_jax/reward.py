@@ -363,3 +363,38 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0  # every k-subset contains a correct sample
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+class ProcessShareScorer:
+    """A scorer for multi-host runs: each process grades its contiguous share of the items, and the
+    rewards are all-gathered, so every process holds the same rewards.
+
+    Every process must call `score` with the same items (the controller runs in lockstep). Besides
+    splitting the work, this makes the rewards identical everywhere by construction: a grading
+    timeout on one host yields the same 0 on all of them, so the buffer and every SFT/RL decision
+    stay the same. With one process it is the wrapped scorer. Other attributes (`num_timeouts`,
+    `close`, ...) are the wrapped scorer's, counted on this process.
+    """
+
+    def __init__(self, scorer: RewardScorer):
+        self.scorer = scorer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.scorer, name)
+
+    def score(self, responses: list[str], ground_truths: list[str],
+              reward_names: list[str] | None = None) -> np.ndarray:
+        import jax
+        count, me = jax.process_count(), jax.process_index()
+        if count == 1:
+            return self.scorer.score(responses, ground_truths, reward_names)
+        n = len(responses)
+        per = -(-n // count)
+        lo, hi = min(n, me * per), min(n, (me + 1) * per)
+        mine = np.zeros(per, np.float32)
+        if hi > lo:
+            mine[:hi - lo] = self.scorer.score(
+                responses[lo:hi], ground_truths[lo:hi],
+                None if reward_names is None else reward_names[lo:hi])
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)[:n]

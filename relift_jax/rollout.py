@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from relift_jax import rollout_policy, sampler
-from relift_jax.batches import RLBatch
+from relift_jax import rollout_policy, sampler, sharding
+from relift_jax.batches import RLBatch, device_batch
 from relift_jax.config import RolloutConfig
 from relift_jax.controller import Rollouts
 from relift_jax.model import ModelConfig
@@ -41,7 +40,7 @@ def make_score_fn(tokenizer, scorer, stop_ids: Sequence[int], math_reward: str) 
     return score
 
 
-def make_ref_logprobs_fn(cfg: ModelConfig, ref_params: Any, chunk_len: int = 0
+def make_ref_logprobs_fn(cfg: ModelConfig, ref_params: Any, chunk_len: int = 0, mesh=None
                          ) -> Callable[[RLBatch], np.ndarray]:
     """A frozen copy of the start policy: batch -> token-aligned reference log-probs [M, b, T]."""
     @jax.jit
@@ -51,6 +50,6 @@ def make_ref_logprobs_fn(cfg: ModelConfig, ref_params: Any, chunk_len: int = 0
 
     def fn(batch: RLBatch) -> np.ndarray:
         mb = batch.micro_batches
-        return np.asarray(ref(ref_params, *(jnp.asarray(x) for x in (
-            mb.tokens_bxT, mb.segment_ids_bxT, mb.positions_bxT))))
+        inputs = device_batch((mb.tokens_bxT, mb.segment_ids_bxT, mb.positions_bxT), mesh)
+        return np.asarray(sharding.global_to_host(ref(ref_params, *inputs)))
     return fn

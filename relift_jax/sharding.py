@@ -9,6 +9,8 @@ unsharded on one device.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any, Sequence
 
 import jax
@@ -148,3 +150,27 @@ def global_to_host(tree: Any) -> Any:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+class LockstepError(RuntimeError):
+    """The processes of a multi-host run disagree on host state they must share."""
+
+
+def check_same_on_every_process(what: str, value: Any) -> None:
+    """Raises LockstepError on every process when the processes hold different `value`s.
+
+    Multi-host runs drive the same controller on every process; a divergence (different buffer,
+    data cursor or SFT decision) would otherwise surface as a hang in the next collective or as a
+    silently wrong run. `value` is any JSON-able host state; 8 bytes of its hash are all-gathered.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+    text = json.dumps(value, sort_keys=True, default=str).encode()
+    mine = np.frombuffer(hashlib.sha256(text).digest()[:8], np.int32).copy()
+    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, 2]
+    differ = [i for i in range(every.shape[0]) if (every[i] != every[0]).any()]
+    if differ:
+        raise LockstepError(f"{what} differs between processes: process 0 and process(es) "
+                            f"{differ} hold different values (this is process "
+                            f"{jax.process_index()}); stopping")

@@ -22,7 +22,7 @@ from relift_jax import build, checkpoint, metrics, rollout, rollout_policy, shar
 from relift_jax.config import RunConfig
 from relift_jax.controller import Controller
 from relift_jax.heldout import HeldOut
-from relift_jax.reward import RewardScorer
+from relift_jax.reward import ProcessShareScorer, RewardScorer
 
 # A non-finite value of any of these stops the run.
 WATCHED = ("rl/loss", "rl/grad_norm", "sft/loss", "sft/grad_norm")
@@ -107,11 +107,11 @@ def _set_up(run_dir: str, c: RunConfig, operative_gin: str | None, mesh) -> _Run
     state, rl_tx, sft_tx = build.train_state(c, params)
     steps = build.make_steps(c, cfg, state, rl_tx, sft_tx, tok, mesh)
     stops = rollout_policy.stop_ids(tok, model_dir)
-    scorer = RewardScorer(c.train.reward, num_workers=c.train.reward_workers,
-                          timeout_s=c.train.reward_timeout_s,
-                          require_think_close=c.train.require_think_close)
+    scorer = ProcessShareScorer(RewardScorer(  # multi-host: each process grades its share
+        c.train.reward, num_workers=c.train.reward_workers, timeout_s=c.train.reward_timeout_s,
+        require_think_close=c.train.require_think_close))
     ref_fn = (rollout.make_ref_logprobs_fn(cfg, jax.tree.map(jnp.copy, params),
-                                           c.model.logits_chunk_len)
+                                           c.model.logits_chunk_len, mesh)
               if c.rl.kl_coef > 0 else None)  # a frozen copy of the start policy, only when used
     ctl = Controller(questions=d.questions, train=c.train, rollout=c.rollout, rl=c.rl, sft=c.sft,
                      packing=steps.packing, rl_step=steps.rl, sft_step=steps.sft,
@@ -165,6 +165,9 @@ def _loop(r: _Run, stop_after: int | None) -> dict[str, float]:
         t0 = time.perf_counter()
         r.state, m = ctl.step(r.state)
         it = ctl.iteration  # iterations done
+        sharding.check_same_on_every_process(  # multi-host: every decision made the same everywhere
+            f"iteration {it}: the controller's state (buffer, data cursor, counters)",
+            ctl.state_dict())
         m.update({"perf/iteration_s": time.perf_counter() - t0,
                   "perf/reward_timeouts": r.scorer.num_timeouts})
         if pending is not None:  # the previous iteration's scalars: long done on the device

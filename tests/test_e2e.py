@@ -205,6 +205,16 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert "ModelLoadConfig.path" in msg and "absent" in msg
 
 
+def test_bucket_url_as_run_dir_is_a_config_error(tmp_path, capsys):
+    """relift_jax writes through the file system: a gs:// run_dir would land on local disk."""
+    from relift_jax import main
+    with pytest.raises(SystemExit) as e:
+        main.main([f"--gin_file={os.path.join(REPO, GIN)}", "--run_dir=gs://bucket/runs/x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "gs://bucket/runs/x" in err and "gcsfuse" in err and "\n" not in err
+
+
 def test_data_that_contradicts_the_mode_is_a_config_error(tmp_path, capsys):
     """Validation that needs the data (here M larger than the demonstrations) still exits 2."""
     from relift_jax import main

@@ -464,3 +464,31 @@ def test_pass_at_k_hand_values() -> None:
 def test_pass_at_k_rejects_bad_arguments(n: int, c: int, k: int) -> None:
     with pytest.raises(ValueError):
         pass_at_k(n, c, k)
+
+
+@pytest.mark.parametrize("n", [7, 2])  # uneven shares; fewer items than processes
+def test_process_share_scorer_splits_and_gathers(monkeypatch, n):
+    """Multi-host scoring: process i grades its contiguous share; the gathered rewards equal the
+    single-process scorer's, in order. The gather is faked here (3 'processes' run one by one);
+    the real cross-process path runs in tests/test_multihost.py."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from relift_jax.reward import ProcessShareScorer
+    responses = [f"The answer is \\boxed{{{i % 3}}}" for i in range(n)]
+    truths = [str(i % 2) for i in range(n)]
+    with RewardScorer(num_workers=0) as inner:
+        want = inner.score(responses, truths)
+        assert ProcessShareScorer(inner).score(responses, truths).tolist() == want.tolist()
+        monkeypatch.setattr(jax, "process_count", lambda: 3)
+        shares, graded = [], []
+        monkeypatch.setattr(multihost_utils, "process_allgather",
+                            lambda x: (shares.append(x.copy()), np.stack([x] * 3))[1])
+        real_score = inner.score
+        monkeypatch.setattr(inner, "score",
+                            lambda r, t, names=None: (graded.extend(r), real_score(r, t, names))[1])
+        for i in range(3):
+            monkeypatch.setattr(jax, "process_index", lambda i=i: i)
+            ProcessShareScorer(inner).score(responses, truths)
+        assert sorted(graded) == sorted(responses) and len(graded) == n  # each graded once
+        np.testing.assert_array_equal(np.concatenate(shares)[:n], want)

@@ -199,3 +199,22 @@ def test_load_checkpoint_places_params_on_the_mesh(tiny_checkpoints):
     _, ref = tiny_checkpoints.ours("qwen2_untied")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  placed, ref)
+
+
+def test_lockstep_check_names_the_process_that_differs(monkeypatch):
+    """The multi-host lockstep check: equal hashes pass, a different one raises naming the process.
+    (The real cross-process path runs in tests/test_multihost.py; here the gather is faked.)"""
+    from jax.experimental import multihost_utils
+
+    from relift_jax import sharding
+    sharding.check_same_on_every_process("x", {"buffer": [1, 2]})  # one process: nothing to do
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    peers: list = []
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: np.stack([x] + [p(x) for p in peers]))
+    peers[:] = [lambda x: x, lambda x: x]
+    sharding.check_same_on_every_process("iteration 3: state", {"buffer": [1, 2]})
+    peers[1] = lambda x: x + 1
+    with pytest.raises(sharding.LockstepError, match=r"iteration 3: state differs.*\[2\]"):
+        sharding.check_same_on_every_process("iteration 3: state", {"buffer": [1, 2]})
