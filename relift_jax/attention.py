@@ -39,11 +39,12 @@ def _round_up(n: int, m: int) -> int:
 # ----------------------------------------------------------------------------- masks and dense
 
 def attention_mask(kv_valid_BxS: jax.Array, start: jax.Array | int, T: int) -> jax.Array:
-    """Causal mask [B, T, S] for T queries that sit at slots start..start+T-1 of S key slots."""
+    """Causal mask [B, T, S] for T queries that sit at slots start..start+T-1 of S key slots
+    (`start` an int, or int32 [B]: each row's own start, for ragged decoding)."""
     S = kv_valid_BxS.shape[1]
-    q_slot_T = start + jnp.arange(T)
-    causal_TxS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
-    return causal_TxS[None] & kv_valid_BxS[:, None, :]
+    q_slot_BxT = jnp.reshape(start, (-1, 1)) + jnp.arange(T)[None, :]
+    causal_BxTxS = jnp.arange(S)[None, None, :] <= q_slot_BxT[:, :, None]
+    return causal_BxTxS & kv_valid_BxS[:, None, :]
 
 
 def segment_mask(q_segment_ids_BxT: jax.Array, kv_segment_ids_BxS: jax.Array,

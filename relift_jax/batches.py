@@ -46,6 +46,7 @@ class RLMicroBatch:
     advantages_bxT: jax.Array       # each response token carries its sequence's advantage
     seq_lens_bxT: jax.Array         # each response token carries its response's length
     ref_logprobs_bxT: jax.Array | None = None  # only with a KL penalty
+    is_weights_bxT: jax.Array | None = None    # only with truncated importance sampling
     sft: SFTMicroBatch | None = None            # mode rl_with_sft_loss: a slice of demonstrations
 
 

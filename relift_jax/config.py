@@ -76,6 +76,12 @@ class RolloutConfig:
     keep_system_prompt: bool = True
     think_prefix: bool = True
     drop_long_prompts: bool = True     # False: a prompt over max_prompt_len is an error
+    # The sampler (relift_jax.engine): "continuous" (prefix sharing, attention over the filled
+    # cache, continuous batching) or "dense" (the reference). decode_slots rows decode at once
+    # (0: all N x G rows); finished slots are refilled every segment_len decode steps.
+    engine: str = "continuous"
+    decode_slots: int = 0
+    segment_len: int = 32
 
     def __post_init__(self):
         n = type(self).__name__
@@ -83,6 +89,13 @@ class RolloutConfig:
                self.questions_per_iteration, "must be > 0")
         _check(self.group_size > 0, n, "group_size", self.group_size, "must be > 0")
         _check(self.max_response_len > 0, n, "max_response_len", self.max_response_len, "must be > 0")
+        _check(self.engine in ("continuous", "dense"), n, "engine", self.engine,
+               "must be 'continuous' or 'dense'")
+        _check(self.decode_slots >= 0, n, "decode_slots", self.decode_slots, "must be >= 0")
+        _check(self.segment_len > 0, n, "segment_len", self.segment_len, "must be > 0")
+
+
+OLD_LOGPROBS = ("sampler", "recompute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +122,15 @@ class RLConfig:
     # official shapes, 512 sequences per update / 8 GPUs); see losses.aggregate for the arithmetic.
     seq_norm_denominator: str = "num_seqs"
     seq_norm_num_devices: int = 8  # the official run's 8 data-parallel GPUs, not our mesh size
+    # The PPO "old" log-probs: the sampler's ("sampler") or the training forward's at the start of
+    # the iteration ("recompute", the official ReLIFT / verl choice: the first ratio is exactly 1).
+    old_logprobs: str = "sampler"
+    # Truncated importance sampling: each token's loss times min(pi_train / pi_sampler, tis_cap)
+    # (None: off). verl and TRL use caps of about 2.
+    tis_cap: float | None = None
+    # Log rollout/logprob_mismatch_{mean,max} (|training forward - sampler| per response token)
+    # every iteration: one extra forward over the RL batch; always on with recompute or TIS.
+    log_logprob_mismatch: bool = True
     entropy_coef: float = 0.001
     kl_coef: float = 0.0
     kl_kind: str = "low_var_kl"
@@ -131,6 +153,16 @@ class RLConfig:
                (self.clip_low, self.clip_high), "give both or neither")
         _check(self.num_mini_batches > 0, n, "num_mini_batches", self.num_mini_batches, "must be > 0")
         _check(self.micro_batch_size > 0, n, "micro_batch_size", self.micro_batch_size, "must be > 0")
+        _check(self.old_logprobs in OLD_LOGPROBS, n, "old_logprobs", self.old_logprobs,
+               f"must be one of {OLD_LOGPROBS}")
+        _check(self.tis_cap is None or self.tis_cap >= 1.0, n, "tis_cap", self.tis_cap,
+               "must be None (off) or >= 1")
+
+    @property
+    def needs_train_logprobs(self) -> bool:
+        """Whether the controller runs the training forward over the rollouts before updating."""
+        return self.old_logprobs == "recompute" or self.tis_cap is not None or \
+            self.log_logprob_mismatch
 
     def optim(self) -> OptimConfig:
         return _optim(self)

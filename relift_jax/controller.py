@@ -85,18 +85,22 @@ class Controller:
       sample_fn: (params, prompt_ids list, num_samples, seed) -> Rollouts.
       score_fn: (response ids list, ground truths, reward names) -> float rewards.
       ref_logprobs_fn: batch -> token-aligned reference log-probs (only when RL uses a KL penalty).
+      logprobs_fn: (params, batch) -> the training forward's token-aligned log-probs (the
+        sampler/trainer mismatch, RLConfig.old_logprobs = "recompute", truncated IS).
     """
 
     def __init__(self, *, questions: list[Question], train: TrainConfig, rollout: RolloutConfig,
                  rl: RLConfig, sft: SFTConfig, packing: Packing, rl_step: Callable,
                  sft_step: Callable, sample_fn: Callable, score_fn: Callable,
-                 ref_logprobs_fn: Callable | None = None, shuffle: bool = True):
+                 ref_logprobs_fn: Callable | None = None, shuffle: bool = True,
+                 logprobs_fn: Callable | None = None):
         self.q = questions
         self.train, self.rollout, self.rl, self.sft = train, rollout, rl, sft
         self.packing = packing
         self.rl_step, self.sft_step = rl_step, sft_step
         self.sample_fn, self.score_fn = sample_fn, score_fn
         self.ref_logprobs_fn = ref_logprobs_fn
+        self.logprobs_fn = logprobs_fn
         self.demo_ids = [i for i, q in enumerate(questions) if q.demo_ids is not None]
         self.iteration = 0
         self.cursor = DataCursor(len(questions), seed=train.seed, shuffle=shuffle)
@@ -217,10 +221,14 @@ class Controller:
                 self.demos_used.update(demo_qs)
                 sft_batch = self._sft_batch(demo_qs)
         rl_metrics, n_tok, n_seq = [], 0.0, 0.0
-        for chunk in np.array_split(np.asarray(rows), min(self.rl.num_mini_batches, len(rows))):
-            batch = pack_rl_batch([qs[r // G].prompt_ids for r in chunk],
-                                  [ro.tokens[r] for r in chunk],
-                                  [ro.logprobs[r] for r in chunk], adv_NG[chunk], self.packing)
+        batches = [pack_rl_batch([qs[r // G].prompt_ids for r in chunk],
+                                 [ro.tokens[r] for r in chunk],
+                                 [ro.logprobs[r] for r in chunk], adv_NG[chunk], self.packing)
+                   for chunk in np.array_split(np.asarray(rows),
+                                               min(self.rl.num_mini_batches, len(rows)))]
+        if self.logprobs_fn is not None and self.rl.needs_train_logprobs:
+            batches = self._with_train_logprobs(state.params, batches, metrics)
+        for batch in batches:
             if sft_batch is not None:
                 batch = attach_sft(batch, sft_batch)
             if self.ref_logprobs_fn is not None:
@@ -235,6 +243,30 @@ class Controller:
         # costs nothing (the step's scalars are still fetched one iteration late).
         jax.block_until_ready(state)
         return state
+
+    def _with_train_logprobs(self, params, batches: list, metrics: dict) -> list:
+        """The training forward's log-probs of every mini-batch under the iteration's starting
+        policy: the sampler/trainer mismatch, and the old log-probs ("recompute") or the
+        truncated importance weights it asks for."""
+        out, diff_sum, diff_max, count = [], 0.0, 0.0, 0.0
+        for batch in batches:
+            mb = batch.micro_batches
+            train_lp = np.asarray(self.logprobs_fn(params, batch), np.float32)
+            sampler_lp = np.asarray(mb.old_logprobs_bxT, np.float32)
+            mask = np.asarray(mb.loss_mask_bxT) != 0
+            diff = np.abs(train_lp - sampler_lp)[mask]
+            diff_sum, count = diff_sum + float(diff.sum()), count + diff.size
+            diff_max = max(diff_max, float(diff.max(initial=0.0)))
+            new = {}
+            if self.rl.tis_cap is not None:
+                new["is_weights_bxT"] = np.asarray(losses.truncated_is_weights(
+                    train_lp, sampler_lp, mask, self.rl.tis_cap))
+            if self.rl.old_logprobs == "recompute":
+                new["old_logprobs_bxT"] = np.where(mask, train_lp, 0.0).astype(np.float32)
+            out.append(batch.replace(micro_batches=mb.replace(**new)) if new else batch)
+        metrics["rollout/logprob_mismatch_mean"] = diff_sum / max(count, 1.0)
+        metrics["rollout/logprob_mismatch_max"] = diff_max
+        return out
 
     def _sft_batch(self, ids: list[int]):
         return pack_sft_batch([self.q[i].prompt_ids for i in ids],

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -209,6 +211,16 @@ def _masked_token_mean(
     return aggregate(x_BxT, mask_BxT, "token-mean", num_tokens=num_tokens)
 
 
+def truncated_is_weights(train_logprobs: ArrayLike, sampler_logprobs: ArrayLike, mask: ArrayLike,
+                         cap: float) -> jax.Array:
+    """Truncated importance sampling (verl's and TRL's TIS): per token min(pi_train / pi_sampler,
+    cap), correcting for the sampler's numerics differing from the training forward's; 1 at
+    padding. All `[B, T]`."""
+    log_w = jnp.asarray(train_logprobs, jnp.float32) - jnp.asarray(sampler_logprobs, jnp.float32)
+    w = jnp.minimum(jnp.exp(jnp.minimum(log_w, math.log(cap))), cap)
+    return jnp.where(jnp.asarray(mask) != 0, w, 1.0)
+
+
 def policy_loss(
     logprobs: ArrayLike,
     old_logprobs: ArrayLike,
@@ -224,6 +236,7 @@ def policy_loss(
     seq_denominator: str = "num_seqs",
     num_devices: int | None = None,
     seq_lens: ArrayLike | None = None,
+    is_weights: ArrayLike | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Policy-gradient loss -A * ratio, optionally PPO-clipped, aggregated by `aggregate`.
 
@@ -238,6 +251,8 @@ def policy_loss(
         mask: `[B, T]` response-token mask.
         clip_low, clip_high: both None (no clipping) or both floats.
         seq_lens: `[B, T]` as `aggregate`'s seq_lens_BxT (packed rows).
+        is_weights: `[B, T]` per-token importance weights multiplying each token's loss (truncated
+            importance sampling: `truncated_is_weights`); constants, no gradient flows into them.
         agg, norm_len, num_tokens, num_seqs, seq_denominator, num_devices: as in `aggregate`
             (seq_denominator="num_devices" is the official ReLIFT scale; the metrics below are
             token-means either way).
@@ -278,6 +293,8 @@ def policy_loss(
         clipped_loss_BxT = -adv_Bx1 * jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high)
         clipped_BxT = (clipped_loss_BxT > loss_BxT).astype(jnp.float32)
         loss_BxT = jnp.maximum(loss_BxT, clipped_loss_BxT)
+    if is_weights is not None:
+        loss_BxT = loss_BxT * jax.lax.stop_gradient(jnp.asarray(is_weights, jnp.float32))
 
     loss = aggregate(
         loss_BxT, mask_BxT, agg, norm_len=norm_len, num_tokens=num_tokens, num_seqs=num_seqs,

@@ -261,9 +261,14 @@ def _layer(config: ModelConfig, lp: Params, x_BxTxD: jax.Array, cos: jax.Array, 
     v_BxKxTxE = v.transpose(0, 2, 1, 3)
     if cache is not None:
         k_all, v_all, i = cache
-        at = (i, 0, 0, cache_start, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k_BxKxTxE[None].astype(k_all.dtype), at)
-        v_all = jax.lax.dynamic_update_slice(v_all, v_BxKxTxE[None].astype(v_all.dtype), at)
+        if jnp.ndim(cache_start) == 1:  # ragged: row b's one new token goes to slot cache_start[b]
+            rows_B = jnp.arange(B)
+            k_all = k_all.at[i, rows_B, :, cache_start, :].set(k_BxKxTxE[:, :, 0].astype(k_all.dtype))
+            v_all = v_all.at[i, rows_B, :, cache_start, :].set(v_BxKxTxE[:, :, 0].astype(v_all.dtype))
+        else:
+            at = (i, 0, 0, cache_start, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k_BxKxTxE[None].astype(k_all.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v_BxKxTxE[None].astype(v_all.dtype), at)
         k_BxKxTxE, v_BxKxTxE, cache = k_all[i], v_all[i], (k_all, v_all)
         attn = attend(q, k_BxKxTxE.astype(q.dtype), v_BxKxTxE.astype(q.dtype), mask_BxTxS)
     else:
@@ -295,6 +300,7 @@ def hidden_states(config: ModelConfig, params: Params, tokens_BxT: jax.Array,
       kv_valid_BxS: which key slots hold real tokens; without a cache S == T.
       cache: None, or dict(k=[L, B, K, S, E], v=...) into which this call writes its T tokens at
         slots cache_start..cache_start+T-1 before attending (densely) over all S slots.
+        `cache_start` may be int32 [B] when T == 1: each row writes its token at its own slot.
       segment_ids_BxT: packed rows (no cache only): int32 ids, 0 = padding; each token attends
         to earlier-or-equal slots of its own nonzero segment. Tokens outside `kv_valid_BxS` count
         as padding. Default: one segment, the valid tokens.

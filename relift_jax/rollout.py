@@ -26,7 +26,8 @@ def make_sample_fn(cfg: ModelConfig, rollout: RolloutConfig, stop_ids: Sequence[
         out = sampler.generate(cfg, params, prompts, max_new_tokens=rollout.max_response_len,
                                temperature=rollout.temperature, top_p=rollout.top_p,
                                top_k=rollout.top_k, eos_id=list(stop_ids), seed=seed,
-                               num_samples=G, pad_id=pad_id, mesh=mesh)
+                               num_samples=G, pad_id=pad_id, mesh=mesh, engine=rollout.engine,
+                               slots=rollout.decode_slots, segment_len=rollout.segment_len)
         return Rollouts(out.tokens, out.logprobs, out.stopped)
     return sample
 
@@ -40,16 +41,25 @@ def make_score_fn(tokenizer, scorer, stop_ids: Sequence[int], math_reward: str) 
     return score
 
 
-def make_ref_logprobs_fn(cfg: ModelConfig, ref_params: Any, chunk_len: int = 0, mesh=None
-                         ) -> Callable[[RLBatch], np.ndarray]:
-    """A frozen copy of the start policy: batch -> token-aligned reference log-probs [M, b, T]."""
+def make_logprobs_fn(cfg: ModelConfig, chunk_len: int = 0, mesh=None
+                     ) -> Callable[[Any, RLBatch], np.ndarray]:
+    """(params, batch) -> the training forward's token-aligned log-probs [M, b, T] of the batch's
+    tokens: the frozen reference's (KL penalty), or the current policy's ("recompute" old
+    log-probs, truncated importance sampling, the sampler/trainer mismatch)."""
     @jax.jit
-    def ref(params, tokens_MxbxT, segment_ids_MxbxT, positions_MxbxT):
+    def logprobs(params, tokens_MxbxT, segment_ids_MxbxT, positions_MxbxT):
         return jax.lax.map(lambda x: token_logprobs(cfg, params, *x, chunk_len=chunk_len)[0],
                            (tokens_MxbxT, segment_ids_MxbxT, positions_MxbxT))
 
-    def fn(batch: RLBatch) -> np.ndarray:
+    def fn(params, batch: RLBatch) -> np.ndarray:
         mb = batch.micro_batches
         inputs = device_batch((mb.tokens_bxT, mb.segment_ids_bxT, mb.positions_bxT), mesh)
-        return np.asarray(sharding.global_to_host(ref(ref_params, *inputs)))
+        return np.asarray(sharding.global_to_host(logprobs(params, *inputs)))
     return fn
+
+
+def make_ref_logprobs_fn(cfg: ModelConfig, ref_params: Any, chunk_len: int = 0, mesh=None
+                         ) -> Callable[[RLBatch], np.ndarray]:
+    """A frozen copy of the start policy: batch -> token-aligned reference log-probs [M, b, T]."""
+    fn = make_logprobs_fn(cfg, chunk_len, mesh)
+    return lambda batch: fn(ref_params, batch)

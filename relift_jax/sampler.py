@@ -87,9 +87,21 @@ def _pick(logits_BxV: jax.Array, key: jax.Array, sp: SamplingParams) -> jax.Arra
     `jax.random.categorical`, which draws Gumbel noise for every vocabulary entry."""
     if sp.temperature == 0.0:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return _pick_with_uniforms(logits_BxV, jax.random.uniform(key, (logits_BxV.shape[0],)), sp)
+
+
+def pick_per_row(logits_BxV: jax.Array, keys_B: jax.Array, sp: SamplingParams) -> jax.Array:
+    """`_pick` with one key per row: a row's draw depends on its key only, not on its batch."""
+    if sp.temperature == 0.0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return _pick_with_uniforms(logits_BxV, jax.vmap(jax.random.uniform)(keys_B), sp)
+
+
+def _pick_with_uniforms(logits_BxV: jax.Array, u_B: jax.Array, sp: SamplingParams) -> jax.Array:
+    """The token whose CDF interval (of the filtered softmax) holds u_B in [0, 1)."""
     probs_BxV = jax.nn.softmax(_filter_logits(logits_BxV, sp).astype(jnp.float32), axis=-1)
     cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
-    u_Bx1 = jax.random.uniform(key, (logits_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
+    u_Bx1 = u_B[:, None] * cdf_BxV[:, -1:]
     tok_B = jnp.sum(cdf_BxV <= u_Bx1, axis=-1)
     # Float rounding can put u past the last nonzero-probability entry: step back to it.
     tok_B = jnp.minimum(tok_B, logits_BxV.shape[-1] - 1)
@@ -153,19 +165,41 @@ def _cache_size() -> int:
     return _prefill._cache_size() + _decode._cache_size()
 
 
+ENGINES = ("continuous", "dense")
+
+
 def sample(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
            sp: SamplingParams, *, seed: int = 0, num_samples: int = 1, pad_id: int = 0,
-           mesh=None) -> SampleOutput:
+           mesh=None, engine: str = "continuous", slots: int = 0,
+           segment_len: int = 32) -> SampleOutput:
     """Samples `num_samples` continuations of every prompt (rows ordered prompt by prompt).
 
     Args:
-      prompts: token-id lists of any lengths (left-padded here into a bucketed length).
+      prompts: token-id lists of any lengths.
       sp: sampling settings; `sp.stop_ids` end a row (the stop token is kept).
       seed: RNG seed; the same seed, prompts and params give the same samples.
       mesh: when given, rows are padded to a multiple of the mesh's batch axes.
+      engine: "continuous" (`relift_jax.engine`: prefix sharing, a window over the filled cache,
+        continuous batching; draws keyed by (seed, row, token index), so independent of `slots`)
+        or "dense" (one batch of all rows left-padded into one cache of prompt bucket + max new
+        tokens, decoded until the longest row ends: the reference).
+      slots: continuous engine: rows decoded at once (0: all rows of the call).
+      segment_len: continuous engine: decode steps between refills of finished slots.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "continuous":
+        from relift_jax import engine as engine_lib
+        before = _cache_size() + engine_lib.cache_size()
+        toks, logps, stopped = engine_lib.run(config, params, prompts, sp, seed=seed,
+                                              num_samples=num_samples, mesh=mesh, slots=slots,
+                                              segment_len=segment_len)
+        return SampleOutput(tokens=toks, logprobs=logps,
+                            lengths=np.asarray([len(t) for t in toks], np.int32),
+                            stopped=stopped,
+                            num_compiles=_cache_size() + engine_lib.cache_size() - before)
     rows = [list(p) for p in prompts for _ in range(num_samples)]
     n = len(rows)
     B = _batch_bucket(n, sharding.batch_divisor(mesh))
@@ -198,7 +232,8 @@ def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int
              max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
              eos_id: int | Sequence[int], seed: int = 0, stop_ids: Sequence[int] = (),
              num_samples: int = 1, logprob_temperature: float = 1.0, pad_id: int = 0,
-             mesh=None) -> SampleOutput:
+             mesh=None, engine: str = "continuous", slots: int = 0,
+             segment_len: int = 32) -> SampleOutput:
     """Public API: continuations of `prompts` (lists of token ids); `temperature=0` is greedy.
 
     Returns an object with `.tokens` (generated ids without the prompt, ending with EOS when one was
@@ -211,4 +246,4 @@ def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int
                         logprob_temperature=float(logprob_temperature),
                         stop_ids=tuple(int(i) for i in [*eos, *stop_ids]))
     return sample(config, params, prompts, sp, seed=seed, num_samples=num_samples, pad_id=pad_id,
-                  mesh=mesh)
+                  mesh=mesh, engine=engine, slots=slots, segment_len=segment_len)

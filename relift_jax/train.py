@@ -117,7 +117,8 @@ def _set_up(run_dir: str, c: RunConfig, operative_gin: str | None, mesh) -> _Run
                      packing=steps.packing, rl_step=steps.rl, sft_step=steps.sft,
                      sample_fn=rollout.make_sample_fn(cfg, c.rollout, stops, tok.pad_token_id, mesh),
                      score_fn=rollout.make_score_fn(tok, scorer, stops, c.train.reward),
-                     ref_logprobs_fn=ref_fn, shuffle=c.data.shuffle)
+                     ref_logprobs_fn=ref_fn, shuffle=c.data.shuffle,
+                     logprobs_fn=rollout.make_logprobs_fn(cfg, c.model.logits_chunk_len, mesh))
     writer = metrics.MetricsWriter(run_dir)
     held = HeldOut(run_dir=run_dir, model_cfg=cfg, tokenizer=tok, examples=d.heldout, train=c.train,
                    rollout=c.rollout, scorer=scorer, stop_ids=stops, mesh=mesh, writer=writer)

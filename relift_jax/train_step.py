@@ -152,7 +152,8 @@ def _rl_loss(params, mb: RLMicroBatch, totals: RLBatch, *, config: ModelConfig, 
                                clip_low=rl.clip_low, clip_high=rl.clip_high, agg=rl.agg,
                                norm_len=norm_len, num_tokens=totals.num_tokens,
                                num_seqs=totals.num_seqs, seq_denominator=rl.seq_norm_denominator,
-                               num_devices=rl.seq_norm_num_devices, seq_lens=mb.seq_lens_bxT)
+                               num_devices=rl.seq_norm_num_devices, seq_lens=mb.seq_lens_bxT,
+                               is_weights=mb.is_weights_bxT)
     entropy = losses.aggregate(ent, mask, "token-mean", num_tokens=totals.num_tokens)
     loss = pg - rl.entropy_coef * entropy
     metrics = {"pg_loss": pg, "entropy": entropy, "clip_frac": m["clip_frac"],

@@ -209,6 +209,31 @@ def test_sampler_logprobs_are_the_steps_old_logprobs(params, steps):
     assert_close(m["pg_loss"], -(adv * n).sum() / n.sum(), ulps=LOGP_ULPS, scale=scale)
 
 
+def test_recomputed_old_logprobs_make_the_first_ratio_one(params, steps):
+    """RLConfig.old_logprobs = "recompute": the old log-probs are the training forward's
+    (rollout.make_logprobs_fn, a separate no-gradient program), so the first mini-step's ratio is
+    1: exactly, where both programs round alike, and always within the log-probs' rounding (the
+    gradient program may fuse differently). The sampler's log-probs stay for the mismatch metric."""
+    from relift_jax import rollout, sampler
+    prompts = [r[:4] for r in _rows(seed=6, n=4)[0]]
+    out = sampler.generate(CFG, params, prompts, max_new_tokens=8, temperature=1.0, eos_id=63,
+                           seed=1, num_samples=2, pad_id=PAD)
+    rows = [prompts[i // 2] for i in range(8)]
+    adv = np.where(np.arange(8) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    batch = pack_rl_batch(rows, out.tokens, out.logprobs, adv, PK)
+    train_lp = rollout.make_logprobs_fn(CFG)(params, batch)
+    mb = batch.micro_batches
+    mask = np.asarray(mb.loss_mask_bxT) != 0
+    batch = batch.replace(micro_batches=mb.replace(
+        old_logprobs_bxT=np.where(mask, train_lp, 0.0).astype(np.float32)))
+    _, m = steps["rl"](_state(params, steps), batch)
+    ratio_max, approx_kl = float(m["ratio_max"]), float(m["approx_kl"])
+    print(f"\n[recompute] ratio_max - 1 = {ratio_max - 1:.3g}, approx_kl = {approx_kl:.3g}")
+    scale = _logit_scale(params, rows, out.tokens)
+    assert_close(ratio_max, 1.0, ulps=LOGP_ULPS, scale=scale)
+    assert_close(approx_kl, 0.0, ulps=LOGP_ULPS, scale=scale)
+
+
 # ----------------------------------------------------------------------------- state isolation
 
 def _assert_tree_equal(a, b, what):

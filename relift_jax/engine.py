@@ -1,0 +1,260 @@
+"""The rollout engine: prefix sharing, attention over the filled cache only, continuous batching.
+
+`sampler.sample` runs here by default (`engine="continuous"`); the dense sampler in `sampler.py`
+stays as the reference. What changes against it:
+
+- **Prefix sharing.** Each distinct prompt is prefilled once; its cache and last logits are copied
+  to the rows (samples) that continue it.
+- **Left-aligned rows, ragged lengths.** Row b holds its prompt and response in cache slots
+  0..len[b]-1 and writes its next token at slot len[b] (positions = slots). A row's cache never
+  moves within its slot, whatever the other rows do.
+- **Segments over a window.** Decoding runs in segments of `segment_len` steps. The cache array of a
+  segment has W slots, W the power-of-two bucket of (longest row + segment_len + 1), so a decode
+  step reads the filled part (up to 2x), not the prompt bucket + max new tokens.
+- **Continuous batching.** `slots` rows decode at once; between segments finished rows leave and
+  pending rows take their slots (prefill + insert); when no rows are pending the batch shrinks to a
+  smaller bucket. All N x G rows of a call finish.
+- **Randomness per (seed, row, token index).** A row's draws do not depend on its slot, on the batch
+  size or on the other rows: outputs are the same for any `slots`.
+
+Programs are compiled per (batch bucket, window bucket, prompt bucket): a handful per call shape.
+Shape key: B slots, W window slots, P prompt bucket, U distinct prompts (bucketed), R rows inserted
+(bucketed), V vocab, L layers, K kv heads, E head dim, n segment steps.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from relift_jax import sharding
+from relift_jax.model import ModelConfig, Params, hidden_states, init_cache, logits_from_hidden
+
+CACHE_AXES = ("cache_layers", "batch", "cache_kv_heads", "cache_slots", None)
+DEFAULT_SEGMENT_LEN = 32
+
+
+def _constrain_cache(cache):
+    return jax.tree.map(lambda c: sharding.constrain(c, CACHE_AXES), cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _prefill_prompts(config: ModelConfig, params: Params, tokens_UxP, len_U):
+    """Right-padded distinct prompts -> their cache [L, U, K, P, E] and next-token logits [U, V]."""
+    U, Pb = tokens_UxP.shape
+    cache = _constrain_cache(init_cache(config, U, Pb))
+    slots_UxP = jnp.broadcast_to(jnp.arange(Pb)[None, :], (U, Pb))
+    kv_valid_UxP = slots_UxP < len_U[:, None]
+    h, cache = hidden_states(config, params, tokens_UxP, slots_UxP, kv_valid_UxP, cache=cache,
+                             cache_start=0)
+    last_UxD = jnp.take_along_axis(h, jnp.maximum(len_U - 1, 0)[:, None, None], axis=1)
+    return cache, logits_from_hidden(config, params, last_UxD)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _rearrange(batch: int, window: int, state, src_B):
+    """Row j of the result is row src_B[j] of `state` (-1: an empty, finished row); the cache keeps
+    its first `window` slots (or is padded to them)."""
+    cache, logits_BxV, len_B, gen_B, row_B, done_B = state
+    keep = src_B >= 0
+    src = jnp.maximum(src_B, 0)
+    S = cache["k"].shape[3]
+
+    def resize(c):
+        c = c[:, src]
+        if window <= S:
+            return c[:, :, :, :window]
+        return jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, window - S), (0, 0)))
+    cache = _constrain_cache(jax.tree.map(resize, cache))
+    return (cache, logits_BxV[src], jnp.where(keep, len_B[src], 0), jnp.where(keep, gen_B[src], 0),
+            jnp.where(keep, row_B[src], -1), jnp.where(keep, done_B[src], True))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _insert(state, prompt_cache, prompt_logits_UxV, prompt_len_U, dst_R, src_R, row_R):
+    """Starts rows row_R in slots dst_R (out of range: ignored) from distinct prompt src_R."""
+    cache, logits_BxV, len_B, gen_B, row_B, done_B = state
+    Pb = prompt_cache["k"].shape[3]
+
+    def put(c, p):
+        return c.at[:, dst_R, :, :Pb].set(p[:, src_R].astype(c.dtype), mode="drop")
+    cache = _constrain_cache(jax.tree.map(put, cache, prompt_cache))
+    return (cache, logits_BxV.at[dst_R].set(prompt_logits_UxV[src_R], mode="drop"),
+            len_B.at[dst_R].set(prompt_len_U[src_R], mode="drop"),
+            gen_B.at[dst_R].set(0, mode="drop"), row_B.at[dst_R].set(row_R, mode="drop"),
+            done_B.at[dst_R].set(False, mode="drop"))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def _segment(config: ModelConfig, sp, steps: int, params: Params, state, key):
+    """Up to `steps` decode steps of every live row (fewer when all are done).
+
+    Returns the new state and the segment's tokens and log-probs [B, steps] (-1 / 0 where a row
+    made no token).
+    """
+    from relift_jax.sampler import pick_per_row  # the sampler owns the sampling rule
+    cache, logits_BxV, len_B, gen_B, row_B, done_B = state
+    B, W = logits_BxV.shape[0], cache["k"].shape[3]
+    stop_ids = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
+    all_slots_BxW = jnp.ones((B, W), bool)  # the causal rule at each row's own slot masks the rest
+
+    def cond(c):
+        return (c[0] < steps) & ~jnp.all(c[1][5])
+
+    def body(c):
+        t, (cache, logits_BxV, len_B, gen_B, row_B, done_B), toks_Bxn, logps_Bxn = c
+        keys_B = jax.vmap(lambda r, g: jax.random.fold_in(jax.random.fold_in(key, r), g))(
+            jnp.maximum(row_B, 0), gen_B)
+        tok_B = pick_per_row(logits_BxV, keys_B, sp)
+        logp_BxV = jax.nn.log_softmax(logits_BxV / sp.logprob_temperature, axis=-1)
+        logp_B = jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=-1)[:, 0]
+        live_B = ~done_B
+        toks_Bxn = toks_Bxn.at[:, t].set(jnp.where(live_B, tok_B, -1))
+        logps_Bxn = logps_Bxn.at[:, t].set(jnp.where(live_B, logp_B, 0.0))
+        gen_B = gen_B + live_B
+        done_B = done_B | jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1) | (
+            gen_B >= sp.max_new_tokens)
+        slot_B = jnp.minimum(len_B, W - 1)  # finished rows rewrite a slot nobody reads
+        h, cache = hidden_states(config, params, tok_B[:, None], slot_B[:, None], all_slots_BxW,
+                                 cache=cache, cache_start=slot_B)
+        logits_BxV = logits_from_hidden(config, params, h)[:, 0]
+        len_B = len_B + live_B
+        return t + 1, (cache, logits_BxV, len_B, gen_B, row_B, done_B), toks_Bxn, logps_Bxn
+
+    init = (jnp.int32(0), state, jnp.full((B, steps), -1, jnp.int32),
+            jnp.zeros((B, steps), jnp.float32))
+    _, state, toks_Bxn, logps_Bxn = jax.lax.while_loop(cond, body, init)
+    return state, toks_Bxn, logps_Bxn
+
+
+def cache_size() -> int:
+    """Compiled programs held (for counting compiles)."""
+    fns = (_prefill_prompts, _rearrange, _insert, _segment)
+    return sum(f._cache_size() for f in fns if hasattr(f, "_cache_size"))
+
+
+def _bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+class _Placer:
+    """Host arrays onto the mesh: batch arrays split over the batch axes, the rest replicated."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+        self.multiple = sharding.batch_divisor(mesh)
+
+    def batch(self, x):
+        x = np.asarray(x)
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return sharding.host_to_global(x, sharding.batch_sharding(self.mesh, x.ndim, x.shape))
+
+    def replicated(self, x):
+        x = np.asarray(x)
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return sharding.host_to_global(x, NamedSharding(self.mesh, P()))
+
+
+def run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], sp, *, seed: int,
+        num_samples: int, mesh=None, slots: int = 0, segment_len: int = DEFAULT_SEGMENT_LEN):
+    """Samples `num_samples` continuations of every prompt; returns per-row tokens, log-probs and
+    whether the row stopped on a stop id. Row i continues prompt i // num_samples.
+
+    slots: rows decoded at once (0: all rows of the call). segment_len: decode steps between
+    refills (also how far past the longest row the window reaches).
+    """
+    n = len(prompts) * num_samples
+    multiple = sharding.batch_divisor(mesh)
+    max_slots = -(-(slots or n) // multiple) * multiple
+    put = _Placer(mesh)
+    key = jax.random.key(seed)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logps: list[list[float]] = [[] for _ in range(n)]
+    stopped = np.zeros(n, bool)
+    stop_set = set(sp.stop_ids)
+    pending = collections.deque(range(n))
+    slot_row: list[int] = []                # host mirror: the row in each slot (-1: free)
+    slot_len: list[int] = []                # host mirror: filled cache slots of each row
+    state, window, batch = None, 0, max_slots
+    while True:
+        live = [j for j, r in enumerate(slot_row) if r >= 0]
+        take = min(len(pending), max_slots - len(live))
+        incoming = [pending.popleft() for _ in range(take)]
+        if not live and not incoming:
+            break
+        prompt_of = {r: r // num_samples for r in incoming}
+        distinct = sorted(set(prompt_of.values()))
+        longest = max([slot_len[j] for j in live] + [len(prompts[u]) for u in distinct])
+        # Windows only grow and batches only shrink within a call: few distinct programs.
+        window = max(window, _bucket(longest + segment_len + 1, 64))
+        batch = min(batch, _batch_size(len(live) + len(incoming), max_slots, multiple))
+        src = np.full(batch, -1, np.int32)
+        src[:len(live)] = live
+        if state is None:
+            state = _empty_state(config, batch, window, put)
+        elif (batch, window) != (len(slot_row), state[0]["k"].shape[3]) or \
+                live != list(range(len(live))):
+            state = _rearrange(batch, window, state, put.replicated(src))
+        slot_row = [slot_row[j] for j in live] + [-1] * (batch - len(live))
+        slot_len = [slot_len[j] for j in live] + [0] * (batch - len(live))
+        if incoming:
+            state = _start_rows(config, params, state, prompts, distinct, prompt_of, incoming,
+                                range(len(live), len(live) + len(incoming)), put)
+            for j, r in enumerate(incoming, start=len(live)):
+                slot_row[j], slot_len[j] = r, len(prompts[prompt_of[r]])
+        state, toks, lps = _segment(config, sp, segment_len, params, state, key)
+        toks, lps, done = sharding.global_to_host((toks, lps, state[5]))
+        for j, r in enumerate(slot_row):
+            if r < 0:
+                continue
+            made = [int(t) for t in toks[j] if t >= 0]
+            tokens[r] += made
+            logps[r] += [float(x) for x in lps[j][:len(made)]]
+            slot_len[j] += len(made)
+            if done[j]:
+                stopped[r] = bool(tokens[r]) and tokens[r][-1] in stop_set
+                slot_row[j] = -1
+    return tokens, logps, stopped
+
+
+def _batch_size(rows: int, max_slots: int, multiple: int) -> int:
+    """All slots while rows are pending or many run; a smaller bucket for the last few rows."""
+    b = min(max_slots, max(_bucket(rows, 1), max_slots // 16))
+    return -(-b // multiple) * multiple
+
+
+def _empty_state(config: ModelConfig, batch: int, window: int, put: _Placer):
+    cache = jax.jit(lambda: _constrain_cache(init_cache(config, batch, window)))()
+    vocab = config.vocab_size
+    return (cache, put.batch(np.zeros((batch, vocab), np.float32)),
+            put.batch(np.zeros(batch, np.int32)), put.batch(np.zeros(batch, np.int32)),
+            put.batch(np.full(batch, -1, np.int32)), put.batch(np.ones(batch, bool)))
+
+
+def _start_rows(config, params, state, prompts, distinct, prompt_of, incoming, dst, put):
+    """Prefills the distinct prompts once (prefix sharing) and inserts their rows."""
+    U = -(-_bucket(len(distinct), 1) // put.multiple) * put.multiple
+    Pb = _bucket(max(len(prompts[u]) for u in distinct), 16)
+    tokens_UxP = np.zeros((U, Pb), np.int32)
+    len_U = np.ones(U, np.int32)
+    for i, u in enumerate(distinct):
+        tokens_UxP[i, :len(prompts[u])] = prompts[u]
+        len_U[i] = len(prompts[u])
+    pcache, plogits = _prefill_prompts(config, params, put.batch(tokens_UxP), put.batch(len_U))
+    R = _bucket(len(incoming), 1)
+    index = {u: i for i, u in enumerate(distinct)}
+    dst_R = np.full(R, 1 << 30, np.int32)   # out of range: dropped
+    src_R = np.zeros(R, np.int32)
+    row_R = np.full(R, -1, np.int32)
+    dst_R[:len(incoming)] = list(dst)
+    src_R[:len(incoming)] = [index[prompt_of[r]] for r in incoming]
+    row_R[:len(incoming)] = incoming
+    return _insert(state, pcache, plogits, put.replicated(len_U), put.replicated(dst_R),
+                   put.replicated(src_R), put.replicated(row_R))

@@ -1,0 +1,128 @@
+"""The rollout engine (relift_jax.engine, sampler engine "continuous") against the dense sampler and
+`model.forward`, and the properties that make it an RL engine: draws independent of the slot count,
+prefix sharing, a window over the filled cache only, finished slots refilled.
+
+Also the sampler/trainer correction of the RL step: "recompute" old log-probs and truncated
+importance sampling against numpy.
+
+Shape key: B rows, N new tokens, V vocab.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from f32 import EPS32, assert_close, decoder_ulps
+from relift_jax import engine, losses, model, sampler
+
+LENGTHS = (3, 11, 17, 6, 25, 9)   # mixed prompt lengths
+N = 40
+G = 3
+
+
+def _setup(tiny_checkpoints):
+    cfg, params = tiny_checkpoints.ours("qwen2_untied")
+    rng = np.random.RandomState(5)
+    prompts = [rng.randint(0, cfg.vocab_size, n).tolist() for n in LENGTHS]
+    # Several stop ids so rows end at spread-out lengths (the engine's refills matter).
+    stops = rng.choice(cfg.vocab_size, 6, replace=False).tolist()
+    return cfg, params, prompts, stops
+
+
+def _run(cfg, params, prompts, stops, **kw):
+    kw = {"max_new_tokens": N, "eos_id": stops, "num_samples": G, "seed": 11, **kw}
+    return sampler.generate(cfg, params, prompts, **kw)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_outputs_do_not_depend_on_slots_or_segments(tiny_checkpoints, temperature):
+    """Greedy and sampled rows are the same for any slot count and segment length: each row's
+    draws are keyed by (seed, row, token index), and its cache never moves within its slot."""
+    cfg, params, prompts, stops = _setup(tiny_checkpoints)
+    ref = _run(cfg, params, prompts, stops, temperature=temperature)
+    assert len(set(ref.lengths.tolist())) > 3, "lengths should spread (else refills go untested)"
+    for slots, seg in ((4, 8), (7, 5), (18, 64)):
+        out = _run(cfg, params, prompts, stops, temperature=temperature, slots=slots,
+                   segment_len=seg)
+        assert out.tokens == ref.tokens, (slots, seg)
+        np.testing.assert_array_equal(out.stopped, ref.stopped)
+        for a, b in zip(out.logprobs, ref.logprobs):
+            # The same row at another batch size: float32 rounding of the same decode only.
+            assert_close(np.asarray(a), np.asarray(b), ulps=decoder_ulps(cfg, T=128), scale=30.0)
+
+
+def test_greedy_equals_the_dense_sampler(tiny_checkpoints):
+    cfg, params, prompts, stops = _setup(tiny_checkpoints)
+    dense = _run(cfg, params, prompts, stops, temperature=0.0, engine="dense")
+    for slots in (0, 5):
+        ours = _run(cfg, params, prompts, stops, temperature=0.0, slots=slots, segment_len=8)
+        assert ours.tokens == dense.tokens
+        np.testing.assert_array_equal(ours.stopped, dense.stopped)
+        np.testing.assert_array_equal(ours.lengths, dense.lengths)
+
+
+def test_sampled_logprobs_equal_forward(tiny_checkpoints):
+    """Every sampled token's log-prob equals a full forward pass over prompt + response."""
+    cfg, params, prompts, stops = _setup(tiny_checkpoints)
+    out = _run(cfg, params, prompts, stops, temperature=1.0, slots=5, segment_len=8)
+    rows = [i for i in range(len(out.tokens)) if out.tokens[i]]
+    T = 128
+    seqs = np.zeros((len(rows), T), np.int32)
+    for k, i in enumerate(rows):
+        seq = prompts[i // G] + out.tokens[i]
+        seqs[k, :len(seq)] = seq
+    logits = np.asarray(model.forward(cfg, params, seqs)).astype(np.float64)
+    for k, i in enumerate(rows):
+        P, n = len(prompts[i // G]), len(out.tokens[i])
+        lg = logits[k, P - 1:P + n - 1]
+        lp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - lg.max(-1, keepdims=True)
+        want = lp[np.arange(n), out.tokens[i]]
+        assert_close(np.asarray(out.logprobs[i]), want, ulps=decoder_ulps(cfg, T=T),
+                     scale=float(np.abs(lg).max()), err_msg=f"row {i}")
+
+
+def test_prefix_sharing_and_windows(tiny_checkpoints, monkeypatch):
+    """Each distinct prompt is prefilled once (not G times); decode windows stay below the dense
+    cache (prompt bucket + N) while rows are short; freed slots take pending rows."""
+    cfg, params, prompts, stops = _setup(tiny_checkpoints)
+    prefills, windows = [], []
+    real_prefill, real_segment = engine._prefill_prompts, engine._segment
+
+    def prefill(config, params_, tokens_UxP, len_U):
+        prefills.append(int((np.asarray(len_U) > 1).sum()))  # real prompts (padding has len 1)
+        return real_prefill(config, params_, tokens_UxP, len_U)
+
+    def segment(config, sp, steps, params_, state, key):
+        windows.append(state[0]["k"].shape[3])
+        return real_segment(config, sp, steps, params_, state, key)
+    monkeypatch.setattr(engine, "_prefill_prompts", prefill)
+    monkeypatch.setattr(engine, "_segment", segment)
+    _run(cfg, params, prompts, stops, temperature=1.0, slots=6, segment_len=8)
+    assert sum(prefills) <= len(prompts) + len(prefills), prefills  # a group split at most once
+    assert len(prefills) > 1, "with 6 slots for 18 rows, pending rows are inserted later"
+    dense_slots = sampler.bucket(max(LENGTHS)) + N
+    assert min(windows) < dense_slots and max(windows) <= sampler.bucket(max(LENGTHS) + N + 9, 64)
+
+
+def test_truncated_is_weights_against_numpy():
+    rng = np.random.default_rng(0)
+    train, samp = rng.normal(-2, 1, (3, 7)), rng.normal(-2, 1, (3, 7))
+    mask = rng.random((3, 7)) > 0.3
+    got = np.asarray(losses.truncated_is_weights(train, samp, mask, 2.0))
+    want = np.where(mask, np.minimum(np.exp(train - samp), 2.0), 1.0)
+    np.testing.assert_allclose(got, want, rtol=4 * EPS32)
+    assert got.max() <= 2.0 and (got[~mask] == 1).all()
+
+
+def test_is_weights_scale_each_tokens_policy_loss():
+    """policy_loss with weights w equals the numpy loss sum_t w_t * (-A * ratio_t) / norm."""
+    rng = np.random.default_rng(1)
+    B, T = 4, 6
+    lp, old = rng.normal(-2, 0.3, (B, T)), rng.normal(-2, 0.3, (B, T))
+    adv, mask = rng.normal(0, 1, B), (rng.random((B, T)) > 0.2).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, (B, T))
+    loss, _ = losses.policy_loss(lp, old, adv, mask, clip_low=None, clip_high=None,
+                                 agg="token-mean", is_weights=w)
+    want = (w * -adv[:, None] * np.exp(lp - old) * mask).sum() / mask.sum()
+    np.testing.assert_allclose(float(loss), want, rtol=64 * EPS32)
