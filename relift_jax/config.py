@@ -82,6 +82,10 @@ class RolloutConfig:
     engine: str = "continuous"
     decode_slots: int = 0
     segment_len: int = 32
+    # The sampler's own weight layout (rollout.DecodeLayout): 0 = the training layout; T > 0 =
+    # weights split T ways over heads/MLP/vocabulary and replicated across the other devices,
+    # copied there once per sampling call instead of gathered at every decode step.
+    decode_tensor: int = 0
 
     def __post_init__(self):
         n = type(self).__name__
@@ -93,6 +97,7 @@ class RolloutConfig:
                "must be 'continuous' or 'dense'")
         _check(self.decode_slots >= 0, n, "decode_slots", self.decode_slots, "must be >= 0")
         _check(self.segment_len > 0, n, "segment_len", self.segment_len, "must be > 0")
+        _check(self.decode_tensor >= 0, n, "decode_tensor", self.decode_tensor, "must be >= 0")
 
 
 OLD_LOGPROBS = ("sampler", "recompute")

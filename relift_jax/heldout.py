@@ -25,11 +25,12 @@ class HeldOut:
 
     def __init__(self, *, run_dir: str, model_cfg: Any, tokenizer: Any, examples: Sequence,
                  train: TrainConfig, rollout: RolloutConfig, scorer: Any, stop_ids: Sequence[int],
-                 mesh: Any, writer: Any):
+                 mesh: Any, writer: Any, layout: Any = None):
         self.run_dir, self.cfg, self.tok = run_dir, model_cfg, tokenizer
         self.examples = list(examples)
         self.train, self.rollout = train, rollout
         self.scorer, self.stop_ids, self.mesh, self.writer = scorer, tuple(stop_ids), mesh, writer
+        self.layout = layout if layout is not None and layout.shardings is not None else None
         self.level_of = {ex.index: example_level(ex) for ex in self.examples}
         self.best = {"score": -1.0, "iteration": -1}
 
@@ -43,9 +44,14 @@ class HeldOut:
             max_new_tokens=r.max_response_len, max_prompt_len=r.max_prompt_len,
             keep_system_prompt=r.keep_system_prompt, think_prefix=r.think_prefix,
             require_think_close=t.require_think_close, seed=t.seed, batch_size=max(64, samples))
-        return evaluate.evaluate(self.cfg, params, self.tok, {"heldout": self.examples}, settings,
-                                 scorer=self.scorer, progress=False, mesh=self.mesh,
-                                 stop_ids=self.stop_ids)
+        if self.layout is None:
+            return evaluate.evaluate(self.cfg, params, self.tok, {"heldout": self.examples},
+                                     settings, scorer=self.scorer, progress=False, mesh=self.mesh,
+                                     stop_ids=self.stop_ids)
+        with jax.set_mesh(self.layout.mesh):  # the sampler's own weight layout (RL rollouts' too)
+            return evaluate.evaluate(self.cfg, self.layout(params), self.tok,
+                                     {"heldout": self.examples}, settings, scorer=self.scorer,
+                                     progress=False, mesh=self.layout.mesh, stop_ids=self.stop_ids)
 
     def curve_point(self, params, iteration: int) -> dict[str, float]:
         """The scalars of one point on the eval curves (empty without held-out data)."""

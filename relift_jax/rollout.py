@@ -6,12 +6,13 @@ response gets the same reward in RL as in evaluation.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
-from relift_jax import rollout_policy, sampler, sharding
+from relift_jax import model, rollout_policy, sampler, sharding
 from relift_jax.batches import RLBatch, device_batch
 from relift_jax.config import RolloutConfig
 from relift_jax.controller import Rollouts
@@ -19,15 +20,51 @@ from relift_jax.model import ModelConfig
 from relift_jax.train_step import token_logprobs
 
 
+class DecodeLayout:
+    """Where the sampler's weights live: the training layout, or its own.
+
+    tensor = 0: the training parameters as they are (on an FSDP mesh every decode step then gathers
+    each layer's weights). tensor = T > 0: a sampler mesh over the same devices, `data` = n / T
+    rows-parallel by `tensor` = T weights-parallel (heads, MLP and vocabulary split T ways, replicated
+    across `data`); `__call__` copies the parameters into it once per call, in the compute dtype, so
+    no weight moves inside the decode loop. The copy is (params bytes / T) per device.
+    """
+
+    def __init__(self, cfg: ModelConfig, train_mesh, tensor: int = 0):
+        self.cfg, self.tensor = cfg, tensor
+        self.mesh = train_mesh
+        self.shardings = None
+        if tensor and train_mesh is not None:
+            from relift_jax.sharding import MeshConfig, make_mesh, tree_shardings
+            self.mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=tensor),
+                                  list(train_mesh.devices.flat))
+            self.shardings = tree_shardings(self.mesh, model.param_axes(cfg),
+                                            model.param_shapes(cfg))
+
+    def __call__(self, params):
+        """The parameters in the sampler's layout (the same arrays without a layout of its own)."""
+        if self.shardings is None:
+            return params
+        dt = self.cfg.dtype
+        return jax.device_put(jax.tree.map(lambda x: x.astype(dt), params), self.shardings)
+
+    def generate(self, params, prompts, **kw):
+        """sampler.generate on this layout's mesh (inside the training mesh's context)."""
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            return sampler.generate(self.cfg, self(params), prompts, mesh=self.mesh, **kw)
+
+
 def make_sample_fn(cfg: ModelConfig, rollout: RolloutConfig, stop_ids: Sequence[int],
                    pad_id: int, mesh) -> Callable:
     """(params, prompt ids, G, seed) -> Rollouts of N*G rows, question by question."""
+    layout = DecodeLayout(cfg, mesh, rollout.decode_tensor)
+
     def sample(params, prompts, G: int, seed: int) -> Rollouts:
-        out = sampler.generate(cfg, params, prompts, max_new_tokens=rollout.max_response_len,
-                               temperature=rollout.temperature, top_p=rollout.top_p,
-                               top_k=rollout.top_k, eos_id=list(stop_ids), seed=seed,
-                               num_samples=G, pad_id=pad_id, mesh=mesh, engine=rollout.engine,
-                               slots=rollout.decode_slots, segment_len=rollout.segment_len)
+        out = layout.generate(params, prompts, max_new_tokens=rollout.max_response_len,
+                              temperature=rollout.temperature, top_p=rollout.top_p,
+                              top_k=rollout.top_k, eos_id=list(stop_ids), seed=seed,
+                              num_samples=G, pad_id=pad_id, engine=rollout.engine,
+                              slots=rollout.decode_slots, segment_len=rollout.segment_len)
         return Rollouts(out.tokens, out.logprobs, out.stopped)
     return sample
 

@@ -170,6 +170,7 @@ def test_two_processes_equal_one_process(runs):
 
 def test_killed_peer_ends_the_survivor_instead_of_a_hang(runs):
     rc, seconds = runs["survivor"]
+    print(f"\n[multihost] survivor exited {rc} {seconds:.1f} s after its peer was killed")
     assert rc != 0, f"the survivor exited 0:\n{runs['killed_log']}"
     assert seconds < 60, f"the survivor took {seconds:.0f} s to notice its dead peer"
 
