@@ -4,15 +4,16 @@ weights, same CPU, response lengths spread as in RL.
     python bench/rollout.py                      # toy preset, 16 prompts x 8, max 1024 and 256
     python bench/rollout.py --size small --repeats 1
 
-The workload: Q prompts of 64 random tokens, G samples each at temperature 1, max M new tokens, and a
-set of stop ids sized so that a row stops with probability about 1/`--mean_len` per token (random
-weights give a nearly uniform next-token distribution): lengths are roughly geometric, mean about a
-third of M = 1024, and the batch's longest row usually reaches M.
+The workload: Q prompts of 64 random tokens, G samples each at temperature 1, max M new tokens, and
+a set of stop ids sized so that a row stops with probability about 1/`--mean_len` per token (random
+weights give a nearly uniform next-token distribution): lengths are roughly geometric, mean about
+0.4 M at M = 1024, and the batch's longest row usually reaches M.
 
 Both sides count real tokens only (a row's tokens up to and including its stop id) and are timed
-after warm-up calls with the same seeds (so compiles are excluded, as in a long run where the shapes
-recur; ours reported separately), the median of `--repeats`, interleaved. transformers runs in a child process that never starts jax (their thread pools fight
-otherwise), at each torch thread count of `--threads`; the ratio is against the fastest.
+after warm-up calls with the same seeds (so compiles are excluded, as in a long run where the
+shapes recur; ours reported separately), the median of `--repeats`, interleaved. transformers
+runs in a child process that never starts jax (their thread pools fight otherwise), at each torch
+thread count of `--threads`; the ratio is against the fastest.
 
 Engines: "dense" (the reference: all rows in one batch, cache of prompt bucket + M, run until the
 longest row ends) and "continuous" (relift_jax.engine: prefix sharing, windows over the filled cache,
@@ -135,7 +136,8 @@ def bench(size: str, max_new: int, engines: list[tuple[str, int]], with_hf: bool
     for e, runs in timings.items():
         res[e] = statistics.median(tok / dt for dt, tok in runs)
         res[("compile", e)] = max(0.0, compile_s[e] - sum(dt for dt, _ in runs))
-    res["hf"] = {th: statistics.median(tok / dt for dt, tok in runs) for th, runs in hf_runs.items()}
+    res["hf"] = {th: statistics.median(tok / dt for dt, tok in runs)
+                 for th, runs in hf_runs.items()}
     res["mean_len"] = float(np.mean(lengths))
     res["max_len"] = int(np.max(lengths))
     return res

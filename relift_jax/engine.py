@@ -183,6 +183,8 @@ def run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], s
     slot_row: list[int] = []                # host mirror: the row in each slot (-1: free)
     slot_len: list[int] = []                # host mirror: filled cache slots of each row
     state, window, batch = None, 0, max_slots
+    # No row outgrows its prompt + max new tokens (+1: the slot a finished row rewrites).
+    window_cap = -(-(max(len(p) for p in prompts) + sp.max_new_tokens + 1) // 64) * 64
     while True:
         live = [j for j, r in enumerate(slot_row) if r >= 0]
         take = min(len(pending), max_slots - len(live))
@@ -193,7 +195,8 @@ def run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], s
         distinct = sorted(set(prompt_of.values()))
         longest = max([slot_len[j] for j in live] + [len(prompts[u]) for u in distinct])
         # Windows only grow and batches only shrink within a call: few distinct programs.
-        window = max(window, _bucket(longest + segment_len + 1, 64))
+        window = max(window, min(_bucket(longest + segment_len + 1, 64), window_cap),
+                     _bucket(max([len(prompts[u]) for u in distinct], default=1), 16))
         batch = min(batch, _batch_size(len(live) + len(incoming), max_slots, multiple))
         src = np.full(batch, -1, np.int32)
         src[:len(live)] = live
