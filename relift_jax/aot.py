@@ -1,11 +1,17 @@
 """Ahead-of-time compilation for a TPU topology, on this CPU: does one ReLIFT iteration fit, and how
 long would it take?
 
-  python -m relift_jax.aot --gin_file=gin/experiments/qwen2.5_math_7b_v5p-64.gin --topology=v5p-64
+  python -m relift_jax.aot --gin_file=gin/experiments/qwen2.5_math_7b_v5p-64.gin --topology=v5p-64 \
+    [--gin.RolloutConfig.decode_tensor=4] [--functions=engine_prefill,engine_segment]
 
 Compiles, at the configuration's exact shapes and with the run's own shardings, the programs of one
-iteration: the train-state initialisation, the RL step, the SFT step, the sampler's prefill and its
-decode loop. Nothing is materialised: the inputs are `jax.ShapeDtypeStruct`s with shardings on the
+iteration: the train-state initialisation, the RL step, the SFT step, the dense sampler's prefill
+and decode loop (`prefill`, `decode`: the reference sampler on the training mesh), and the rollout
+engine's (`relift_jax.engine`, what RL sampling runs): `engine_prefill` (each of the N distinct
+prompts once) and `engine_segment` (segment_len decode steps), on the decode layout's mesh
+(`rollout.DecodeLayout`: RolloutConfig.decode_tensor = T > 0 is a data x tensor = n/T x T mesh over
+the same devices with the weights in the compute dtype split T ways; 0 is the training mesh and
+parameters). Nothing is materialised: the inputs are `jax.ShapeDtypeStruct`s with shardings on the
 compile-only devices of `jax.experimental.topologies.get_topology_desc` (needs libtpu:
 `pip install -e '.[aot]'`). Per program it prints the per-device memory of the compiled executable
 against the chip's HBM, FLOPs, HBM bytes and ICI bytes per call counted through every loop's trip
@@ -22,17 +28,41 @@ when random_init lacks it): a gin file can describe a model whose checkpoint is 
 Where the numbers come from (the report repeats this):
 - memory: `compiled.memory_analysis()` of the TPU executable, per device: arguments + outputs -
   aliased (donated) + temporaries. The compiler's own out-of-memory error is reported as such.
-- FLOPs and bytes: `compiled.cost_analysis()` counts a while body ONCE, so they are counted here from
-  the compiled HLO text (`hlo_cost`): dot/convolution FLOPs and the operand + output bytes of every
-  top-level instruction (fusions as one; a dynamic slice counts the slice, an in-place
-  dynamic-update-slice the update), each multiplied by the trip counts of the loops around it
-  (known_trip_count when XLA annotates it, else read off the loop condition `i < N` and the
-  increment; the decode loop's data-dependent count is an assumption: --decode_steps).
+- FLOPs and bytes: `compiled.cost_analysis()` counts a while body ONCE, so they are counted here
+  from the compiled HLO text (`hlo_cost`): dot/convolution FLOPs and the operand + output bytes of
+  every top-level instruction (fusions as one; a dynamic slice counts the slice, an in-place
+  dynamic-update-slice or scatter the update), each multiplied by the trip counts of the loops
+  around it (known_trip_count when XLA annotates it, else read off the loop condition `i < N` and
+  the increment; a decode loop's data-dependent count is an assumption: --decode_steps for the
+  dense sampler, segment_len for an engine segment).
 - time: max(FLOPs / peak, HBM bytes / HBM bandwidth, ICI bytes / ICI bandwidth) per program: a
   lower bound with perfect overlap at peak; see CHIPS for the chip numbers and their sources.
 
-Shape key: N questions per iteration, G samples per question, B sampler rows, P padded prompt
-length, S = P + max new tokens cache slots, M micro-batches, b rows per micro-batch, T row length.
+The engine's sampling estimate (the report prints each step of it):
+- schedule: `engine_schedule` replays engine.run's host loop (refills, the window W = power-of-two
+  bucket of the longest row + segment_len + 1, the batch bucket shrinking once nothing is pending)
+  for one iteration's N x G rows with assumed lengths: prompts of --prompt_len, responses
+  --length_dist (default "exponential": the mid-quantiles of an exponential distribution cut at
+  max_response_len, its scale solved for the mean --mean_response_len, 3,500 by default, so about
+  13% of the 1,024 rows end at the cap 8,192; or "cliff": one row at the cap and the rest at the
+  mean). Every segment runs min(segment_len, the longest remaining row) steps.
+- compiled segments: at every (B, W) of that schedule and at three fit points (two windows at the
+  largest batch: the bucket of prompt + mean response and of prompt + max_response_len, and the
+  latter at the smallest batch bucket). A segment's cost is split into one decode step (its HLO
+  counted at segment_len trips minus at one trip) and the rest of the call.
+- cost per step: a compiled (B, W) uses its own counts; any other (the other length distribution,
+  other slot counts) uses q = c0 + c1 B + c2 B W fitted by least squares to the compiled segments,
+  per quantity (FLOPs, HBM bytes, ICI bytes): c0 ~ the weights a step reads, c1 ~ a row's
+  activations and logits, c2 ~ a row's K and V per window slot (and its attention scores).
+- time: per segment call max(FLOPs / peak, HBM bytes / bandwidth, ICI bytes / bandwidth) of its
+  steps x the per-step cost + the rest; plus the prefill of incoming rows (engine_prefill, scaled in
+  its distinct prompts beyond the weights), the insert and every rearrange (2 x the cache bytes
+  moved), and with T > 0 the weights' copy into the layout (their bytes per device over the ICI).
+  Host work between segments (the tokens' transfer, Python) is not counted.
+
+Shape key: N questions per iteration, G samples per question, B sampler rows (engine: slots), P
+padded prompt length, S = P + max new tokens cache slots, W the engine's window, U distinct prompts,
+M micro-batches, b rows per micro-batch, T row length (decode_tensor: T of the decode layout).
 """
 from __future__ import annotations
 
@@ -60,6 +90,10 @@ from relift_jax import hlo_cost  # noqa: E402
 
 GiB = 1024 ** 3
 EXIT_OOM = 3
+# What --functions chooses from: the RL and SFT steps, the dense sampler's prefill and decode loop,
+# and the rollout engine's prefill of the distinct prompts and its decode segment.
+ENGINE_FUNCTIONS = ("engine_prefill", "engine_segment")
+FUNCTIONS = ("rl", "sft", "prefill", "decode") + ENGINE_FUNCTIONS
 
 
 # ----------------------------------------------------------------------------- chips and topologies
@@ -232,6 +266,7 @@ class Assumptions:
     mean_response_len: int   # rollouts' and demonstrations' mean length (the paper: ~3,500)
     decode_steps: int        # decode-loop trips (it stops when every row is done)
     sft_fraction: float      # share of iterations in which the SFT step fires
+    length_dist: str = "exponential"  # rollout lengths for the engine's schedule (LENGTH_DISTS)
 
     def lines(self, c: Configs) -> list[str]:
         ro = c.rollout
@@ -240,9 +275,15 @@ class Assumptions:
             f"responses and demonstrations: mean {self.mean_response_len} tokens, and in every "
             f"batch one at the cap {ro.max_response_len} (the longest sequence, "
             f"{self.prompt_len + ro.max_response_len} tokens, sets the row length)",
-            f"decode loop: {self.decode_steps} steps (it runs until all "
+            f"dense decode loop: {self.decode_steps} steps (it runs until all "
             f"{ro.questions_per_iteration * ro.group_size} rows stop; one uncapped row keeps it "
             f"going to max_response_len)",
+            f"rollout engine's schedule: the {ro.questions_per_iteration * ro.group_size} "
+            f"rollouts' lengths "
+            f"{_dist_words(self.length_dist, self.mean_response_len, ro.max_response_len)}; "
+            f"segments of {ro.segment_len} steps, "
+            f"{ro.decode_slots or 'all'} slots; host work between segments (token transfer, "
+            f"Python) not counted",
             f"RL: {c.rl.num_mini_batches} updates per iteration (num_mini_batches) over "
             f"{ro.questions_per_iteration} x {ro.group_size} rollouts",
             f"SFT: {c.sft.steps_per_trigger} step(s) per firing on {_sft_rows(c)} demonstrations; "
@@ -257,6 +298,13 @@ def default_assumptions(c: Configs, **over) -> Assumptions:
                     mean_response_len=min(3500, ro.max_response_len),
                     decode_steps=ro.max_response_len, sft_fraction=0.06)
     return dataclasses.replace(a, **{k: v for k, v in over.items() if v is not None})
+
+
+def _dist_words(dist: str, mean: int, cap: int) -> str:
+    if dist == "cliff":
+        return f"one at the cap {cap}, the rest at the mean {mean} (as the RL batch assumes)"
+    return (f"exponential with mean {mean} cut at the cap {cap} (the cut rows at the cap; scale "
+            f"solved for the mean; mid-quantiles, so deterministic)")
 
 
 def _sft_rows(c: Configs) -> int:
@@ -378,6 +426,8 @@ class Program:
     oom: bool = False
     hlo: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    engine: Any = None              # EngineInfo of an engine program
+    segment: Any = None             # SegmentShape of an engine segment
 
     @property
     def peak_bytes(self) -> float | None:
@@ -421,10 +471,11 @@ def _out_abstract(lowered, compiled):
 
 
 def compile_iteration(c: Configs, cfg, mesh, a: Assumptions, *,
-                      functions: Sequence[str] = ("rl", "sft", "prefill", "decode"),
+                      functions: Sequence[str] = FUNCTIONS,
                       keep_hlo: bool = False, log: Callable[[str], None] = print) -> list[Program]:
     """Compiles the iteration's programs on `mesh` (a mesh of compile-only TPU devices): the train
-    state's init always, then the chosen ones of rl, sft, prefill, decode."""
+    state's init always, then the chosen ones of FUNCTIONS (rl, sft, the dense sampler's prefill
+    and decode, the engine's engine_prefill and engine_segment)."""
     from relift_jax import build, model
     programs: list[Program] = []
 
@@ -461,6 +512,8 @@ def compile_iteration(c: Configs, cfg, mesh, a: Assumptions, *,
             _train_steps(c, cfg, run_cfg, state, txs, mesh, a, functions, keep_hlo, done)
         if {"prefill", "decode"} & set(functions):
             _sampler(c, cfg, params, mesh, a, functions, keep_hlo, done)
+        if set(ENGINE_FUNCTIONS) & set(functions):
+            _engine(c, cfg, params, mesh, a, functions, keep_hlo, done)
     return programs
 
 
@@ -524,6 +577,426 @@ def _sampler(c: Configs, cfg, params, mesh, a: Assumptions, functions: Sequence[
                   keep_hlo, unknown_trips=a.decode_steps)[0])
 
 
+# ----------------------------------------------------------------------------- the rollout engine
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """Per-device FLOPs, HBM bytes and ICI bytes (received) of a piece of work."""
+
+    flops: float = 0.0
+    bytes: float = 0.0
+    ici: float = 0.0
+
+    def __add__(self, o: "StepCost") -> "StepCost":
+        return StepCost(self.flops + o.flops, self.bytes + o.bytes, self.ici + o.ici)
+
+    def __sub__(self, o: "StepCost") -> "StepCost":
+        return StepCost(self.flops - o.flops, self.bytes - o.bytes, self.ici - o.ici)
+
+    def __mul__(self, k: float) -> "StepCost":
+        return StepCost(k * self.flops, k * self.bytes, k * self.ici)
+
+    __rmul__ = __mul__
+
+    def roofline(self, chip: "Chip") -> "Roofline":
+        return Roofline(self.flops / chip.peak_flops, self.bytes / chip.hbm_bw,
+                        self.ici / (chip.ici_bw / 2))
+
+
+def _step_cost(cost: hlo_cost.Cost) -> StepCost:
+    return StepCost(cost.flops, cost.bytes, cost.ici_bytes)
+
+
+@dataclasses.dataclass
+class SegmentShape:
+    """A compiled engine segment's shape and its cost split into one decode step and the rest."""
+
+    batch: int                 # B slots (global)
+    window: int                # W cache slots
+    steps: int                 # the loop's trips per call (segment_len)
+    per_step: StepCost         # one trip of the decode loop, per device
+    outside: StepCost          # the rest of one call (before and after the loop), per device
+    loop_collectives: list = dataclasses.field(default_factory=list)  # per decode step
+    weight_gathers: list = dataclasses.field(default_factory=list)    # those that gather weights
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineShapes:
+    """The shapes of the engine's programs for one iteration, as engine.run chooses them."""
+
+    rows: int          # N x G rows of one iteration
+    multiple: int      # the decode mesh's batch divisor
+    max_slots: int     # B while rows are pending (decode_slots or all rows, to the divisor)
+    min_slots: int     # the smallest batch bucket (the last rows)
+    distinct: int      # U distinct prompts of the first prefill (bucketed as engine._start_rows)
+    prompt_bucket: int
+    segment_len: int
+    windows: tuple     # (W at prompt + mean response, W at prompt + max_response_len)
+
+    @property
+    def fit_points(self) -> list[tuple[int, int]]:
+        """(B, W) that pin the cost model: two windows at B = max_slots (its slope in W) and the
+        largest window at the smallest batch (its slope in B)."""
+        lo, hi = self.windows
+        return list(dict.fromkeys([(self.max_slots, lo), (self.max_slots, hi),
+                                   (self.min_slots, hi)]))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """Where the engine's programs ran: the decode layout and what a device holds there."""
+
+    mesh_shape: dict           # the decode layout's mesh
+    tensor: int                # RolloutConfig.decode_tensor
+    dtype: str                 # the weights' dtype there
+    weight_bytes: float        # the weights on one device
+    weight_read_bytes: float   # the weights a decode step reads on one device (gathered or not)
+    cache_slot_bytes: float    # a device's cache bytes per (row, slot) of the global cache
+    shapes: EngineShapes
+    schedule: tuple            # the Segments of the assumed lengths (Assumptions.length_dist)
+
+
+def engine_shapes(c: Configs, a: Assumptions, multiple: int) -> EngineShapes:
+    from relift_jax import engine
+    ro = c.rollout
+    n = ro.questions_per_iteration * ro.group_size
+    max_slots = -(-(ro.decode_slots or n) // multiple) * multiple
+    seg = ro.segment_len
+    hi = engine._bucket(a.prompt_len + ro.max_response_len + seg + 1, 64)
+    lo = engine._bucket(a.prompt_len + a.mean_response_len + seg + 1, 64)
+    if lo >= hi:
+        lo = max(64, hi // 2)
+    first = min(ro.questions_per_iteration, -(-max_slots // ro.group_size))
+    return EngineShapes(
+        rows=n, multiple=multiple, max_slots=max_slots,
+        min_slots=engine._batch_size(1, max_slots, multiple),
+        distinct=-(-engine._bucket(first, 1) // multiple) * multiple,
+        prompt_bucket=engine._bucket(a.prompt_len, 16), segment_len=seg, windows=(lo, hi))
+
+
+def iteration_schedule(c: Configs, a: Assumptions, multiple: int, dist: str | None = None
+                       ) -> list["Segment"]:
+    """engine.run's segments for one iteration's N x G rows at the assumed lengths."""
+    ro = c.rollout
+    n = ro.questions_per_iteration * ro.group_size
+    lens = response_lengths(n, a.mean_response_len, ro.max_response_len, dist or a.length_dist)
+    return engine_schedule([a.prompt_len] * ro.questions_per_iteration, lens, ro.group_size,
+                           slots=ro.decode_slots, multiple=multiple, segment_len=ro.segment_len)
+
+
+def _engine(c: Configs, cfg, train_params, train_mesh, a: Assumptions,
+            functions: Sequence[str], keep_hlo: bool, done: Callable) -> None:
+    """The rollout engine's prefill of the distinct prompts and its decode segments, on the decode
+    layout's mesh with the parameters in the layout's shardings and dtype (rollout.DecodeLayout;
+    RolloutConfig.decode_tensor = 0 is the training mesh and parameters as they are). Segments are
+    compiled at the cost model's fit points and at every (B, W) of the iteration's schedule."""
+    from relift_jax import engine, model, sampler, sharding
+    from relift_jax.rollout import DecodeLayout
+    ro = c.rollout
+    layout = DecodeLayout(cfg, train_mesh, ro.decode_tensor)
+    mesh = layout.mesh
+    if layout.shardings is not None:
+        params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, cfg.dtype, sharding=sh),
+                              model.param_shapes(cfg), layout.shardings)
+    else:
+        params = train_params
+    multiple = sharding.batch_divisor(mesh)
+    g = engine_shapes(c, a, multiple)
+    schedule = iteration_schedule(c, a, multiple)
+    B, W = g.fit_points[0]
+    kv_shape = (cfg.num_layers, B, cfg.num_kv_heads, W, cfg.head_dim)
+    kv_shard = sharding.named_sharding(mesh, engine.CACHE_AXES, kv_shape).shard_shape(kv_shape)
+    info = EngineInfo(
+        mesh_shape=dict(zip(mesh.axis_names, mesh.axis_sizes)), tensor=ro.decode_tensor,
+        dtype=str(np.dtype(jax.tree.leaves(params)[0].dtype)),
+        weight_bytes=float(sum(np.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                               for x in jax.tree.leaves(params))),
+        weight_read_bytes=cfg.num_params() * np.dtype(cfg.dtype).itemsize
+        / dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1),
+        cache_slot_bytes=2 * float(np.prod(kv_shard)) * np.dtype(cfg.dtype).itemsize / (B * W),
+        shapes=g, schedule=tuple(schedule))
+
+    def rows(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype,
+                                    sharding=sharding.batch_sharding(mesh, len(shape), shape))
+    with jax.set_mesh(mesh):
+        if "engine_prefill" in functions:
+            U, Pb = g.distinct, g.prompt_bucket
+            tokens_UxP, len_U = rows((U, Pb), np.int32), rows((U,), np.int32)
+            p, _ = _compile("engine_prefill", lambda: engine._prefill_prompts.lower(
+                cfg, params, tokens_UxP, len_U), keep_hlo)
+            p.notes.append(f"{U} distinct prompts of {Pb} slots (prefix sharing: each question "
+                           f"once, not x {ro.group_size})")
+            p.engine = info
+            done(p)
+        if "engine_segment" not in functions:
+            return
+        sp = sampler.SamplingParams(max_new_tokens=ro.max_response_len,
+                                    temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                                    stop_ids=(cfg.vocab_size - 1, cfg.vocab_size - 2))
+        key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                   sharding=jax.sharding.NamedSharding(
+                                       mesh, jax.sharding.PartitionSpec()))
+        weights = _weight_shards(cfg, params)
+        points = set(g.fit_points) | {(s.batch, s.window) for s in schedule}
+        noted = False
+        for B, W in sorted(points, key=lambda bw: (-bw[0], bw[1])):
+            shape = (cfg.num_layers, B, cfg.num_kv_heads, W, cfg.head_dim)
+            kv = jax.ShapeDtypeStruct(shape, cfg.dtype, sharding=sharding.named_sharding(
+                mesh, engine.CACHE_AXES, shape))
+            state = ({"k": kv, "v": kv}, rows((B, cfg.vocab_size), np.float32),
+                     rows((B,), np.int32), rows((B,), np.int32), rows((B,), np.int32),
+                     rows((B,), np.bool_))
+            p, (_, compiled) = _compile(
+                f"segment_b{B}_w{W}",
+                lambda: engine._segment.lower(cfg, sp, g.segment_len, params, state, key),
+                keep_hlo, unknown_trips=g.segment_len)
+            p.engine = info
+            if p.cost is not None:
+                p.segment = _segment_shape(p.cost, compiled.as_text(), B, W, g.segment_len,
+                                           weights)
+                names = ["cache k", "cache v", "logits", "len", "gen", "row", "done"]
+                moved = [name for name, x, o in zip(names, jax.tree.leaves(state),
+                                                    jax.tree.leaves(compiled.output_shardings[0]))
+                         if not x.sharding.is_equivalent_to(o, len(x.shape))]
+                if moved and not noted:  # said once: every segment shares the cause
+                    noted = True
+                    p.notes.append(f"the state's {', '.join(moved)} come(s) out in another "
+                                   f"sharding than it went in: in a run the next segment "
+                                   f"compiles once more for it (not donated in place)")
+            done(p)
+
+
+def _weight_shards(cfg, params) -> set[int]:
+    """Element counts of a device's shard of every weight matrix (and of one layer of it): what
+    the operand of an all-gather that gathers a weight holds. Biases and norms are left out (too
+    small to matter, and a per-row vector could match them)."""
+    sizes = set()
+    for x in jax.tree.leaves(params):
+        stacked = len(x.shape) > 2 and x.shape[0] == cfg.num_layers
+        if len(x.shape) - stacked < 2:
+            continue
+        n = int(np.prod(x.sharding.shard_shape(x.shape)))
+        sizes.add(n)
+        if stacked:
+            sizes.add(n // cfg.num_layers)
+    return sizes
+
+
+def _segment_shape(cost: hlo_cost.Cost, text: str, B: int, W: int, steps: int,
+                   weights: set[int]) -> SegmentShape:
+    """The decode loop's cost per trip: the program counted at `steps` trips minus at one trip.
+    A weight all-gather: a float operand of exactly a weight matrix's shard (or one layer's)."""
+    full = _step_cost(cost)
+    if cost.unknown_loop is None:  # no data-dependent loop found: all of it as the steps' cost
+        return SegmentShape(B, W, steps, full * (1.0 / steps), StepCost())
+    one = _step_cost(hlo_cost.analyse(text, unknown_trips=1))
+    per_step = (full - one) * (1.0 / (steps - 1)) if steps > 1 else one
+    cols = cost.collectives_in(cost.unknown_loop, per_trip=True)
+    gathers = []
+    for col in cols:
+        operand = hlo_cost.shape_dims(col.shape)
+        n = int(np.prod(operand)) if operand else 0
+        if col.op == "all-gather" and col.count and col.shape.startswith(("bf16", "f32", "f16")) \
+                and n in weights:
+            gathers.append(col)
+    return SegmentShape(B, W, steps, per_step, one - per_step, cols, gathers)
+
+
+# ----------------------------------------------------------------------------- engine schedule
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One `engine._segment` call of engine.run's loop."""
+
+    batch: int        # B slots
+    window: int       # W cache slots
+    live: int         # rows decoding in it (after the refill)
+    steps: int        # decode steps it runs (segment_len, fewer when every row ends sooner)
+    incoming: int     # rows started before it (prefill + insert)
+    distinct: int     # distinct prompts prefilled for them
+    rearranged: bool  # the state was compacted / resized before it
+
+
+def engine_schedule(prompt_lens: Sequence[int], response_lens: Sequence[int], num_samples: int,
+                    *, slots: int = 0, multiple: int = 1, segment_len: int = 32) -> list[Segment]:
+    """The segments engine.run makes for rows of these lengths (row i continues prompt
+    i // num_samples and makes response_lens[i] tokens, its stop token included), by the same
+    refill, window and batch rules (engine._bucket, engine._batch_size)."""
+    from relift_jax import engine
+    n = len(response_lens)
+    max_slots = -(-(slots or n) // multiple) * multiple
+    pending = list(range(n))[::-1]
+    slot_row: list[int] = []
+    slot_len: list[int] = []
+    slot_left: list[int] = []
+    window, batch, shape = 0, max_slots, None
+    out = []
+    while True:
+        live = [j for j, r in enumerate(slot_row) if r >= 0]
+        take = min(len(pending), max_slots - len(live))
+        incoming = [pending.pop() for _ in range(take)]
+        if not live and not incoming:
+            return out
+        distinct = sorted({r // num_samples for r in incoming})
+        longest = max([slot_len[j] for j in live] + [prompt_lens[u] for u in distinct])
+        window = max(window, engine._bucket(longest + segment_len + 1, 64))
+        batch = min(batch, engine._batch_size(len(live) + len(incoming), max_slots, multiple))
+        moved = shape is not None and ((batch, window) != shape or live != list(range(len(live))))
+        shape = (batch, window)
+        pad = [0] * (batch - len(live))
+        slot_row = [slot_row[j] for j in live] + [-1] * len(pad)
+        slot_len = [slot_len[j] for j in live] + pad
+        slot_left = [slot_left[j] for j in live] + pad
+        for j, r in enumerate(incoming, start=len(live)):
+            slot_row[j], slot_len[j] = r, prompt_lens[r // num_samples]
+            slot_left[j] = max(1, response_lens[r])
+        steps = min(segment_len, max(slot_left[j] for j, r in enumerate(slot_row) if r >= 0))
+        for j, r in enumerate(slot_row):
+            if r >= 0:
+                made = min(steps, slot_left[j])
+                slot_len[j] += made
+                slot_left[j] -= made
+                if not slot_left[j]:
+                    slot_row[j] = -1
+        out.append(Segment(batch, window, len(live) + len(incoming), steps, len(incoming),
+                           len(distinct), moved))
+
+
+LENGTH_DISTS = ("exponential", "cliff")
+
+
+def response_lengths(n: int, mean: int, cap: int, dist: str = "exponential") -> list[int]:
+    """n response lengths (tokens, the stop token included) with the given mean and cap.
+
+    exponential: the n mid-quantiles ((i + 0.5) / n) of an exponential distribution cut at the
+      cap (the rows cut at max_response_len stay at the cap), its scale solved so that the mean
+      of the cut lengths is `mean`; longest first. Deterministic.
+    cliff: one at the cap, the rest at the mean (`_lengths`, what the RL batch assumes).
+    """
+    if dist == "cliff":
+        return _lengths(n, mean, cap)
+    if dist != "exponential":
+        raise ValueError(f"length distribution {dist!r}: one of {LENGTH_DISTS}")
+    if mean >= cap:
+        return [cap] * n
+    q = -np.log1p(-(np.arange(n) + 0.5) / n)[::-1]  # unit-mean exponential quantiles, descending
+
+    def lens(scale: float) -> np.ndarray:
+        return np.clip(np.rint(scale * q), 1, cap)
+    lo, hi = 0.0, float(mean)
+    while lens(hi).mean() < mean:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if lens(mid).mean() < mean else (lo, mid)
+    return [int(x) for x in lens(hi)]
+
+
+class SegmentCostModel:
+    """Per-device cost of one decode step (and of a call's work outside the loop) at any (B, W).
+
+    At a compiled (B, W): that program's own counts. Elsewhere: every quantity q (FLOPs, HBM
+    bytes, ICI bytes) fitted by least squares as q = c0 + c1 B + c2 B W to the compiled programs.
+    c0: what a step costs whatever the batch (the weights read, or gathered, once per step); c1:
+    per row (its activations, logits and sampling); c2: per row and cache slot (its K and V read
+    by attention, and the attention scores). With only one batch or one window among the compiled
+    programs, the terms they cannot tell apart are left out (0)."""
+
+    FIELDS = ("flops", "bytes", "ici")
+    TERMS = ("1", "B", "BW")
+
+    def __init__(self, shapes: Sequence[SegmentShape]):
+        self.exact = {(s.batch, s.window): s for s in shapes}
+        pts = list(self.exact)
+        batches = {b for b, _ in pts}
+        self.terms_used = ["1"] + (["B"] if len(batches) > 1 else []) + (
+            ["BW"] if len(pts) > len(batches) else [])
+        A = np.array([self._x(b, w) for b, w in pts])
+        self.coef: dict[tuple[str, str], dict[str, float]] = {}
+        for which in ("per_step", "outside"):
+            for f in self.FIELDS:
+                y = np.array([getattr(getattr(self.exact[p], which), f) for p in pts])
+                sol = np.linalg.lstsq(A, y, rcond=None)[0]
+                self.coef[which, f] = {t: 0.0 for t in self.TERMS} | dict(
+                    zip(self.terms_used, map(float, sol)))
+
+    def _x(self, b: int, w: int) -> list[float]:
+        return [{"1": 1.0, "B": float(b), "BW": float(b) * w}[t] for t in self.terms_used]
+
+    def fitted(self, which: str, b: int, w: int) -> StepCost:
+        x = {"1": 1.0, "B": float(b), "BW": float(b) * w}
+        return StepCost(*(max(0.0, sum(c * x[t] for t, c in self.coef[which, f].items()))
+                          for f in self.FIELDS))
+
+    def per_step(self, b: int, w: int) -> StepCost:
+        s = self.exact.get((b, w))
+        return s.per_step if s is not None else self.fitted("per_step", b, w)
+
+    def outside(self, b: int, w: int) -> StepCost:
+        s = self.exact.get((b, w))
+        return s.outside if s is not None else self.fitted("outside", b, w)
+
+    def fit_error(self) -> float:
+        """The largest relative error of the fitted per-step HBM bytes at the compiled points."""
+        return max((abs(self.fitted("per_step", b, w).bytes - s.per_step.bytes)
+                    / max(1.0, s.per_step.bytes) for (b, w), s in self.exact.items()), default=0.0)
+
+
+@dataclasses.dataclass
+class SamplingEstimate:
+    """One iteration's sampling with the engine, segment by segment (roofline seconds)."""
+
+    segments: list[Segment]
+    seconds: list[float]       # the segment call: its decode loop and its other work
+    prefill_s: list[float]     # the prefill + insert of its incoming rows, before it
+    rearrange_s: list[float]   # the compaction / resize before it
+    bounds: list[str]          # what bounds its decode steps
+    exact: list[bool]          # its (B, W) was compiled (else the fitted cost model)
+    layout_s: float = 0.0      # the weights' copy into the decode layout, once per call
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds) + sum(self.prefill_s) + sum(self.rearrange_s) + self.layout_s
+
+
+def estimate_sampling(segments: Sequence[Segment], model: SegmentCostModel, chip: Chip, *,
+                      cache_slot_bytes: float, prefill: StepCost | None = None,
+                      prefill_distinct: int = 1, prompt_bucket: int = 0,
+                      weight_bytes: float = 0.0, multiple: int = 1,
+                      layout_copy: bool = False) -> SamplingEstimate:
+    """Roofline seconds of each segment call: max over (compute, HBM, ICI) of its trips x the
+    per-step cost + the call's other work at its (B, W). Before it, when the engine does them:
+    a rearrange (reads and writes the new cache: 2 x B x W x cache_slot_bytes); for incoming rows
+    the prefill (the compiled engine_prefill, its FLOPs, ICI and non-weight bytes scaled by the
+    distinct prompts, bucketed as engine._start_rows does, over the compiled count) and the insert
+    (2 x rows x prompt_bucket x cache_slot_bytes). cache_slot_bytes: a device's bytes of the cache
+    per (row, slot) of the global cache (K and V of every layer, over the devices sharing it).
+    layout_copy: the weights are copied into a decode layout of their own first (decode_tensor > 0;
+    weight_bytes received per device over the ICI; not compiled)."""
+    from relift_jax import engine
+    est = SamplingEstimate(list(segments), [], [], [], [], [],
+                           weight_bytes / (chip.ici_bw / 2) if layout_copy else 0.0)
+    for s in segments:
+        work = model.outside(s.batch, s.window) + s.steps * model.per_step(s.batch, s.window)
+        est.seconds.append(work.roofline(chip).seconds)
+        est.bounds.append(model.per_step(s.batch, s.window).roofline(chip).bound)
+        est.exact.append((s.batch, s.window) in model.exact)
+        est.rearrange_s.append(2 * s.batch * s.window * cache_slot_bytes / chip.hbm_bw
+                               if s.rearranged else 0.0)
+        t = 0.0
+        if s.incoming and prefill is not None:
+            u = -(-engine._bucket(s.distinct, 1) // multiple) * multiple
+            k = u / max(1, prefill_distinct)
+            scaled = StepCost(k * prefill.flops,
+                              weight_bytes + k * max(0.0, prefill.bytes - weight_bytes),
+                              k * prefill.ici)
+            t = scaled.roofline(chip).seconds
+            t += 2 * s.incoming * prompt_bucket * cache_slot_bytes / chip.hbm_bw
+        est.prefill_s.append(t)
+    return est
+
+
 # ----------------------------------------------------------------------------- the report
 
 def _mem(x: float | None) -> str:
@@ -583,7 +1056,8 @@ def report(programs: Sequence[Program], c: Configs, cfg, topo: Topology, a: Assu
     w(f"   model: {cfg.num_params() / 1e9:.2f} B parameters, {cfg.num_layers} layers, "
       f"params {cfg.param_dtype}, compute {cfg.compute_dtype}, remat {cfg.remat!s}, "
       f"attention {cfg.attention}")
-    hdr = (f"{'program':<9}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'peak':>8}{'of HBM':>8}"
+    nw = max([9] + [len(p.name) + 1 for p in programs])
+    hdr = (f"{'program':<{nw}}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'peak':>8}{'of HBM':>8}"
            f"{'FLOPs':>11}{'HBM bytes':>11}{'ICI bytes':>11}{'compute':>10}{'HBM':>10}"
            f"{'ICI':>10}  {'bound':<8}{'compile':>8}")
     w("\nper device, per call (memory: compiled.memory_analysis(), G = GiB, M = MiB; peak = args + "
@@ -593,13 +1067,13 @@ def report(programs: Sequence[Program], c: Configs, cfg, topo: Topology, a: Assu
     fits = True
     for p in programs:
         if p.memory is None:
-            w(f"{p.name:<9}{'OUT OF MEMORY at compile time':<50}{'':>63}{p.compile_s:7.1f}s")
+            w(f"{p.name:<{nw}}{'OUT OF MEMORY at compile time':<50}{'':>63}{p.compile_s:7.1f}s")
             fits = False
             continue
         m, peak = p.memory, p.peak_bytes
         r = roofline(p.cost, chip)
         fits &= peak <= chip.hbm_bytes
-        w(f"{p.name:<9}{_mem(m.argument_size_in_bytes):>8}{_mem(m.output_size_in_bytes):>8}"
+        w(f"{p.name:<{nw}}{_mem(m.argument_size_in_bytes):>8}{_mem(m.output_size_in_bytes):>8}"
           f"{_mem(m.alias_size_in_bytes):>8}{_mem(m.temp_size_in_bytes):>8}{_mem(peak):>8}"
           f"{peak / chip.hbm_bytes:>8.0%}{_si(p.cost.flops):>11}{_si(p.cost.bytes, 'B'):>11}"
           f"{_si(p.cost.ici_bytes, 'B'):>11}{_secs(r.compute_s):>10}{_secs(r.hbm_s):>10}"
@@ -621,7 +1095,8 @@ def report(programs: Sequence[Program], c: Configs, cfg, topo: Topology, a: Assu
             w(f"{p.name}: note: {note}")
 
     _loop_sections(programs, a, w)
-    _iteration(programs, c, topo, a, w)
+    est = _engine_sections(programs, c, topo, a, w)
+    _iteration(programs, c, topo, a, w, est)
     w("\nassumptions:")
     for line in a.lines(c):
         w(f"  - {line}")
@@ -655,13 +1130,163 @@ def _loop_sections(programs: Sequence[Program], a: Assumptions, w) -> None:
               f"{_si(total * a.decode_steps, 'B')} per {a.decode_steps} steps")
 
 
-def _iteration(programs: Sequence[Program], c: Configs, topo: Topology, a: Assumptions, w) -> None:
+SAMPLING_TARGET_S = 45.0  # issue "A rollout engine for RL lengths": one iteration's sampling
+
+
+def _engine_sections(programs: Sequence[Program], c: Configs, topo: Topology, a: Assumptions,
+                     w) -> "SamplingEstimate | None":
+    """The engine's segments per decode step, the cost model fitted to them, and one iteration's
+    sampling along engine.run's schedule; returns that estimate (None without segments)."""
+    eng = [p for p in programs if p.engine is not None]
+    if not eng:
+        return None
+    chip, ro = topo.chip, c.rollout
+    info = eng[0].engine
+    g = info.shapes
+    segs = [p for p in eng if p.segment is not None]
+    layout = ("the training mesh and parameters as they are" if not info.tensor else
+              f"weights split {info.tensor} ways, replicated across data, copied there once per "
+              f"sampling call")
+    w(f"\nrollout engine (relift_jax.engine) on the decode layout, mesh "
+      + " x ".join(f"{k}={v}" for k, v in info.mesh_shape.items())
+      + f" (RolloutConfig.decode_tensor = {info.tensor}: {layout}); weights {info.dtype}, "
+      f"{_mem(info.weight_bytes)} per device, {_mem(info.weight_read_bytes)} of them in the "
+      f"compute dtype read per decode step; KV cache {info.cache_slot_bytes:.0f} B per device per "
+      f"(row, slot) of the batch")
+    if not segs:
+        w("  (no segment program compiled: no decode estimate)")
+        return None
+    w(f"  segment programs ({g.segment_len} decode steps per call); per device, per decode step "
+      f"(the loop's count over its trips):")
+    nw = max(len(p.name) for p in segs) + 2
+    w(f"  {'program':<{nw}}{'B':>6}{'rows/dev':>9}{'W':>7}{'peak':>9}{'FLOPs':>11}"
+      f"{'HBM bytes':>11}{'ICI bytes':>11}{'step':>10}  bound")
+    for p in segs:
+        s = p.segment
+        r = s.per_step.roofline(chip)
+        w(f"  {p.name:<{nw}}{s.batch:>6}{s.batch // g.multiple:>9}{s.window:>7}"
+          f"{_mem(p.peak_bytes):>9}{_si(s.per_step.flops):>11}{_si(s.per_step.bytes, 'B'):>11}"
+          f"{_si(s.per_step.ici, 'B'):>11}{_secs(r.seconds):>10}  {r.bound}")
+    outside = [p.segment.outside.bytes for p in segs]
+    w(f"  outside the loop, per call: {_si(min(outside), 'B')} to {_si(max(outside), 'B')} of HBM "
+      f"traffic")
+    first = segs[0]
+    w(f"  collectives inside the decode loop of {first.name}, per decode step (bytes received "
+      f"per device):")
+    for col in first.segment.loop_collectives:
+        w(f"    {col.op:<20} {col.shape:<30} group {col.group:>4}  x{col.count:<6g}"
+          f"{_si(col.bytes, 'B'):>12}")
+    if not first.segment.loop_collectives:
+        w("    none")
+    w(f"    the others: " + "; ".join(
+        f"{p.name} {_si(sum(col.bytes for col in p.segment.loop_collectives), 'B')}"
+        for p in segs[1:]))
+    with_gathers = [p for p in segs if p.segment.weight_gathers]
+    if not with_gathers:
+        w(f"  weight all-gathers inside the decode loop: none (in all {len(segs)} segment "
+          f"programs)")
+    else:
+        p = with_gathers[0]
+        got = sum(col.bytes for col in p.segment.weight_gathers)
+        n = sum(col.count for col in p.segment.weight_gathers)
+        w(f"  weight all-gathers inside the decode loop: {n:g} per step, {_si(got, 'B')} received "
+          f"per device per step ({p.name}; in {len(with_gathers)} of {len(segs)} segment "
+          f"programs): " + ", ".join(f"{col.shape} x{col.count:g}"
+                                     for col in p.segment.weight_gathers))
+
+    model = SegmentCostModel([p.segment for p in segs])
+    w(f"  cost model of one decode step where no program was compiled, per device, least squares "
+      f"over the {len(segs)} compiled: q = c0 + c1 B + c2 B W (B slots, W window slots):")
+    for f, label, unit in (("bytes", "HBM bytes", "B"), ("flops", "FLOPs", ""),
+                           ("ici", "ICI bytes", "B")):
+        co = model.coef["per_step", f]
+        w(f"    {label:<10} c0 {_si(co['1'], unit):>11}   c1 {_si(co['B'], unit):>11} per row   "
+          f"c2 {_si(co['BW'], unit):>9} per (row, slot)")
+    w(f"    (c0 against the weights a step reads, {_mem(info.weight_read_bytes)}; c2 against the "
+      f"cache's own {info.cache_slot_bytes:.0f} B per (row, slot); the fit misses the compiled "
+      f"HBM bytes by up to {model.fit_error():.0%})")
+
+    n = ro.questions_per_iteration * ro.group_size
+    lens = response_lengths(n, a.mean_response_len, ro.max_response_len, a.length_dist)
+    prefill = next((p for p in eng if p.name == "engine_prefill" and p.cost is not None), None)
+
+    def simulate(segments):
+        return estimate_sampling(segments, model, chip, cache_slot_bytes=info.cache_slot_bytes,
+                                 prefill=_step_cost(prefill.cost) if prefill else None,
+                                 prefill_distinct=g.distinct, prompt_bucket=g.prompt_bucket,
+                                 weight_bytes=info.weight_bytes, multiple=g.multiple,
+                                 layout_copy=bool(info.tensor))
+    est = simulate(list(info.schedule))
+    at_cap = sum(x >= ro.max_response_len for x in lens)
+    w(f"\n  one iteration's sampling with the engine: {n} rollouts; prompts {a.prompt_len} tokens; "
+      f"responses {a.length_dist}: mean {np.mean(lens):.0f}, median {np.median(lens):.0f}, "
+      f"max {max(lens)}, {at_cap} at the cap; the schedule engine.run makes of them "
+      f"({ro.decode_slots or 'all'} slots, segments of {g.segment_len} steps):")
+    w(f"    {'B':>6}{'W':>7}{'segments':>10}{'steps':>7}{'live rows':>12}{'per step':>10}"
+      f"{'seconds':>10}  bound")
+    segments = est.segments
+    i = 0
+    while i < len(segments):
+        j = i
+        while j < len(segments) and (segments[j].batch, segments[j].window) == \
+                (segments[i].batch, segments[i].window):
+            j += 1
+        part = segments[i:j]
+        steps = sum(s.steps for s in part)
+        secs = sum(est.seconds[i:j])
+        live = f"{part[0].live}-{part[-1].live}" if part[0].live != part[-1].live \
+            else f"{part[0].live}"
+        bounds = "/".join(sorted(set(est.bounds[i:j])))
+        w(f"    {part[0].batch:>6}{part[0].window:>7}{j - i:>10}{steps:>7}{live:>12}"
+          f"{_secs(secs / max(1, steps)):>10}{_secs(secs):>10}  {bounds}"
+          + ("" if all(est.exact[i:j]) else "  (fitted: not compiled)"))
+        i = j
+    steps = sum(s.steps for s in segments)
+    n_pre = sum(1 for s in segments if s.incoming)
+    n_re = sum(1 for s in segments if s.rearranged)
+    w(f"    decode {_secs(sum(est.seconds))} over {steps} steps; prefill + insert "
+      f"{_secs(sum(est.prefill_s))} ({n_pre} call(s)); rearranges {_secs(sum(est.rearrange_s))} "
+      f"({n_re})" + (f"; the weights' copy into the layout {_secs(est.layout_s)} ("
+                     f"{_mem(info.weight_bytes)} received per device over the ICI, not "
+                     f"compiled)" if est.layout_s else ""))
+    total = sum(s.steps * model.per_step(s.batch, s.window).bytes
+                + model.outside(s.batch, s.window).bytes for s in segments)
+    wts = sum(s.steps for s in segments) * info.weight_read_bytes
+    kv = sum(s.steps * s.batch * s.window for s in segments) * info.cache_slot_bytes
+    w(f"    where the decode's HBM traffic goes ({_si(total, 'B')} per device, "
+      f"{_secs(total / chip.hbm_bw)}): weights {_secs(wts / chip.hbm_bw)} "
+      f"({wts / total:.0%}), K and V of the window {_secs(kv / chip.hbm_bw)} ({kv / total:.0%}), "
+      f"the rest (attention scores, logits, activations, copies) "
+      f"{_secs((total - wts - kv) / chip.hbm_bw)} ({(total - wts - kv) / total:.0%})")
+    other = [d for d in LENGTH_DISTS if d != a.length_dist][0]
+    alt = simulate(iteration_schedule(c, a, g.multiple, other))
+    verdict = "met" if est.total <= SAMPLING_TARGET_S else "MISSED"
+    w(f"  sampling estimate: {_secs(est.total)} per iteration (target <= "
+      f"{SAMPLING_TARGET_S:.0f} s: {verdict}); with the {other} lengths: {_secs(alt.total)}"
+      + ("" if all(alt.exact) else " (partly fitted)"))
+    t = {p.name: roofline(p.cost, chip).seconds for p in programs
+         if p.name in ("prefill", "decode") and p.cost is not None}
+    if len(t) == 2:
+        w(f"  the dense sampler (prefill + decode above, on the training mesh): "
+          f"{_secs(t['prefill'] + t['decode'])} (prefill {_secs(t['prefill'])} + "
+          f"{a.decode_steps} decode steps {_secs(t['decode'])})")
+    return est
+
+
+def _iteration(programs: Sequence[Program], c: Configs, topo: Topology, a: Assumptions, w,
+               engine_estimate: "SamplingEstimate | None" = None) -> None:
     by = {p.name: p for p in programs if p.cost is not None}
     t = {name: roofline(p.cost, topo.chip) for name, p in by.items()}
     w(f"\none iteration on {topo.name} (roofline: each program at max(compute, HBM, ICI); "
       f"a lower bound):")
     rows = []
-    if "prefill" in t and "decode" in t:
+    if engine_estimate is not None:
+        e = engine_estimate
+        rows.append(("sampling", e.total,
+                     f"rollout engine: {len(e.segments)} segments, "
+                     f"{sum(s.steps for s in e.segments)} decode steps (responses "
+                     f"{a.length_dist}, mean {a.mean_response_len}); see above"))
+    elif "prefill" in t and "decode" in t:
         rows.append(("sampling", t["prefill"].seconds + t["decode"].seconds,
                      f"prefill {_secs(t['prefill'].seconds)} + decode {a.decode_steps} x "
                      f"{_secs(t['decode'].seconds / a.decode_steps)} ({t['decode'].bound}-bound)"))
@@ -688,6 +1313,7 @@ def _iteration(programs: Sequence[Program], c: Configs, topo: Topology, a: Assum
 
 
 def _sources(programs: Sequence[Program], w) -> None:
+    nw = max([9] + [len(p.name) + 1 for p in programs])
     w("\nsources: memory: compiled.memory_analysis() of the TPU executable (per device); an "
       "executable\n  over the chip's HBM is out of memory. FLOPs (dot/convolution only), HBM bytes "
       "and ICI bytes:\n  relift_jax.hlo_cost over compiled.as_text(), through loop trip counts. "
@@ -697,14 +1323,14 @@ def _sources(programs: Sequence[Program], w) -> None:
         if p.cost is None or not p.xla_cost:
             continue
         xf, xb = p.xla_cost.get("flops", 0.0), p.xla_cost.get("bytes accessed", 0.0)
-        w(f"  {p.name:<9} cost_analysis: {_si(xf):>10} FLOPs {_si(xb, 'B'):>11}   ours, loops "
+        w(f"  {p.name:<{nw}} cost_analysis: {_si(xf):>10} FLOPs {_si(xb, 'B'):>11}   ours, loops "
           f"once: {_si(p.cost.flops_once):>10} FLOPs {_si(p.cost.bytes_once, 'B'):>11}")
 
 
 # ----------------------------------------------------------------------------- command line
 
 def run(gin_files: Sequence[str], topology: str, bindings: Sequence[str] = (), *,
-        functions: Sequence[str] = ("rl", "sft", "prefill", "decode"),
+        functions: Sequence[str] = FUNCTIONS,
         assumptions: dict | None = None, dump_hlo: str | None = None, out=None) -> int:
     """Compiles and reports; returns the exit status (0 fits, 3 out of memory, 2 a configuration
     error, printed as one line)."""
@@ -718,6 +1344,13 @@ def run(gin_files: Sequence[str], topology: str, bindings: Sequence[str] = (), *
         a = default_assumptions(c, **(assumptions or {}))
         devices = topology_devices(topo)
         mesh = sharding.make_mesh(c.mesh, devices)
+        if c.rollout.decode_tensor:  # the decode layout's mesh (rollout.DecodeLayout)
+            try:
+                sharding.MeshConfig(data=-1, fsdp=1, tensor=c.rollout.decode_tensor).shape(
+                    len(devices))
+            except ValueError as e:
+                raise ConfigError(f"RolloutConfig.decode_tensor = {c.rollout.decode_tensor} on "
+                                  f"{len(devices)} devices: {e}") from e
     except (ConfigError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -749,11 +1382,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     p.add_argument("--topology", required=True,
                    help="v5p-64, v4-64, v5p-8, v6e-64, v5e-16, ... or TYPE:AxB[xC]")
-    p.add_argument("--functions", default="rl,sft,prefill,decode",
-                   help="comma-separated subset of rl,sft,prefill,decode (init always compiles)")
+    p.add_argument("--functions", default=",".join(FUNCTIONS),
+                   help=f"comma-separated subset of {','.join(FUNCTIONS)} (init always "
+                        f"compiles; prefill/decode: the dense sampler, engine_*: the rollout "
+                        f"engine)")
     p.add_argument("--prompt_len", type=int, help="assumed prompt length (max_prompt_len)")
     p.add_argument("--mean_response_len", type=int, help="assumed mean response length (3500)")
-    p.add_argument("--decode_steps", type=int, help="assumed decode steps (max_response_len)")
+    p.add_argument("--decode_steps", type=int,
+                   help="assumed dense decode steps (max_response_len)")
+    p.add_argument("--length_dist", choices=LENGTH_DISTS,
+                   help="assumed rollout lengths for the engine's schedule: exponential (mean "
+                        "--mean_response_len cut at max_response_len; the default) or cliff "
+                        "(one at the cap, the rest at the mean)")
     p.add_argument("--sft_fraction", type=float, help="share of iterations with SFT (0.06)")
     p.add_argument("--dump_hlo", help="write each compiled program's HLO text to this folder")
     args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -766,13 +1406,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.gin_file:
         p.error("give at least one --gin_file")
     functions = [f for f in args.functions.split(",") if f]
-    bad = set(functions) - {"rl", "sft", "prefill", "decode"}
+    bad = set(functions) - set(FUNCTIONS)
     if bad:
         p.error(f"--functions: unknown {sorted(bad)}")
     return run(args.gin_file, args.topology, bindings, functions=functions,
                assumptions=dict(prompt_len=args.prompt_len,
                                 mean_response_len=args.mean_response_len,
-                                decode_steps=args.decode_steps, sft_fraction=args.sft_fraction),
+                                decode_steps=args.decode_steps, sft_fraction=args.sft_fraction,
+                                length_dist=args.length_dist),
                dump_hlo=args.dump_hlo)
 
 

@@ -14,8 +14,9 @@ scan over 16 micro-batches is undercounted 448 times. This module reads the comp
   elementwise work is not counted (it does not run on the matrix units).
 - HBM bytes: operands + output of every top-level instruction (a fusion is one instruction). A
   dynamic slice or gather of an operand counts the slice, the base of an in-place dynamic update
-  counts nothing and its output only the update (a KV-cache write is not the whole cache), as
-  XLA's own cost analysis does. Layout padding (tiles) is not counted.
+  or (single-operand) scatter counts nothing and its output only the update (a KV-cache write is
+  not the whole cache, also when each row writes its own slot), as XLA's own cost analysis does.
+  Layout padding (tiles) is not counted.
 - collectives (all-gather, all-reduce, reduce-scatter, all-to-all, collective-permute; sync or
   async): the bytes a device receives: all-gather (n-1) x operand, reduce-scatter and all-to-all
   (n-1)/n x operand, all-reduce 2 (n-1)/n x operand, collective-permute the operand.
@@ -514,7 +515,7 @@ def _param_bytes(mod: Module, comp: Computation, name: str, full: float, depth: 
     for u in comp.users(name):
         if u.op in ("dynamic-slice", "slice", "gather") and u.operands[0] == name:
             total += shape_bytes(u.shape)
-        elif u.op == "dynamic-update-slice" and u.operands[0] == name:
+        elif u.op in ("dynamic-update-slice", "scatter") and u.operands[0] == name:
             continue  # in place: the base is not read
         elif u.op == "bitcast" and depth < 8:
             total += _param_bytes(mod, comp, u.name, full, depth + 1)
@@ -534,6 +535,8 @@ def _output_bytes(mod: Module, comp: Computation, ins: Instr, depth: int = 0) ->
     """Bytes a fused computation writes: an in-place dynamic-update-slice writes its update."""
     if ins.op == "dynamic-update-slice" and len(ins.operands) > 1:
         return shape_bytes(_shape_of(mod, comp, ins.operands[1]))
+    if ins.op == "scatter" and len(ins.operands) == 3:  # in place: writes its updates
+        return shape_bytes(_shape_of(mod, comp, ins.operands[2]))
     if ins.op == "tuple" and depth < 8:
         return sum(_output_bytes(mod, comp, comp.by_name[o], depth + 1)
                    for o in ins.operands if o in comp.by_name)
@@ -636,6 +639,8 @@ class _Walker:
                     self.cost.custom_calls += mult
         if op == "dynamic-update-slice" and len(operands) > 1:
             nbytes = 2 * shape_bytes(operands[1])
+        elif op == "scatter" and len(operands) == 3:  # in place: indices, updates read and written
+            nbytes = shape_bytes(operands[1]) + 2 * shape_bytes(operands[2])
         elif op in ("dynamic-slice", "slice"):
             nbytes = 2 * shape_bytes(ins.shape)
         else:

@@ -5,8 +5,11 @@ topology names and the HLO arithmetic are checked either way where they need no 
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -217,9 +220,16 @@ def test_tiny_config_compiles_every_program_and_prints_the_table():
     rc = aot.run([TINY], "v5p:2x2x1", out=out)
     text = out.getvalue()
     assert rc == 0, text
-    for name in ("init", "rl_step", "sft_step", "prefill", "decode"):
+    for name in ("init", "rl_step", "sft_step", "prefill", "decode", "engine_prefill",
+                 "segment_b16_w64", "segment_b16_w128", "segment_b4_w128"):
         assert f"\n{name:<9}" in text, f"{name} row missing:\n{text}"
     assert "collectives inside the decode loop, per decode step" in text
+    # the engine on the training (FSDP) layout: its segments gather the weights every step
+    assert "collectives inside the decode loop of segment_b16_w64, per decode step" in text
+    assert re.search(r"weight all-gathers inside the decode loop: \d+ per step", text), text
+    assert "cost model of one decode step" in text
+    assert re.search(r"sampling estimate: .* per iteration \(target <= 45 s: met\)", text), text
+    assert "sampling" in text and "rollout engine:" in text
     assert "RL + SFT" in text and "sampling" in text
     assert "loops once" in text and "assumptions:" in text
     assert "fits: the largest program leaves" in text
@@ -242,3 +252,187 @@ def test_config_errors_exit_2(capsys):
     rc = aot.main(["--gin_file", TINY, "--topology", "v9-8"])
     assert rc == 2
     assert "topology" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_a_decode_layout_that_does_not_divide_the_devices_exits_2(capsys):
+    rc = aot.main(["--gin_file", TINY, "--topology", "v5p:2x2x1",
+                   "--gin.RolloutConfig.decode_tensor=3"])
+    assert rc == 2
+    assert "RolloutConfig.decode_tensor = 3 on 4 devices" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the rollout engine
+
+@needs_libtpu
+def test_engine_on_its_own_layout_has_no_weight_gathers_in_the_decode_loop():
+    """decode_tensor = 2 on 4 devices (data 2 x tensor 2): the segments' loops gather no weight,
+    where the training (FSDP) layout gathers them every step (the default tiny run above)."""
+    out = io.StringIO()
+    rc = aot.run([TINY], "v5p:2x2x1", ["RolloutConfig.decode_tensor = 2"],
+                 functions=["engine_prefill", "engine_segment"], out=out)
+    text = out.getvalue()
+    assert rc == 0, text
+    assert "mesh data=2 x fsdp=1 x tensor=2 (RolloutConfig.decode_tensor = 2" in text
+    assert "weight all-gathers inside the decode loop: none" in text
+    for name in ("engine_prefill", "segment_b16_w64", "segment_b16_w128", "segment_b2_w128"):
+        assert f"\n{name} " in text, f"{name} row missing:\n{text}"
+    assert "sampling estimate:" in text and "target <= 45 s" in text
+    assert "the weights' copy into the layout" in text
+
+
+def _segment_shape(B, W, c0=4e9, c1=2e6, c2=2e3, steps=32):
+    return aot.SegmentShape(B, W, steps, aot.StepCost(1e9 * B, c0 + c1 * B + c2 * B * W, 1e5 * B),
+                            aot.StepCost(0.0, 1e8, 0.0))
+
+
+def test_cost_model_recovers_a_bilinear_cost_and_prefers_compiled_points():
+    shapes = [_segment_shape(1024, 4096), _segment_shape(1024, 16384), _segment_shape(64, 16384),
+              _segment_shape(256, 8192)]
+    m = aot.SegmentCostModel(shapes)
+    co = m.coef["per_step", "bytes"]
+    assert np.allclose([co["1"], co["B"], co["BW"]], [4e9, 2e6, 2e3], rtol=1e-6)
+    assert m.fit_error() < 1e-9
+    assert np.isclose(m.per_step(512, 2048).bytes, 4e9 + 2e6 * 512 + 2e3 * 512 * 2048)
+    assert np.isclose(m.per_step(512, 2048).flops, 1e9 * 512)
+    odd = dataclasses.replace(shapes[3], per_step=aot.StepCost(1.0, 2.0, 3.0))
+    m = aot.SegmentCostModel(shapes[:3] + [odd])
+    assert m.per_step(256, 8192) == aot.StepCost(1.0, 2.0, 3.0)  # compiled: its own counts
+    one_batch = aot.SegmentCostModel([_segment_shape(16, 64), _segment_shape(16, 128)])
+    assert one_batch.terms_used == ["1", "BW"]
+
+
+def test_schedule_by_hand_all_slots():
+    """2 prompts x 2 samples, responses 3, 70, 10, 40 tokens, prompts of 5, segments of 32:
+    all four decode at W = bucket(5 + 33, 64) = 64 for 32 steps (rows 0 and 2 end); rows 1 and 3
+    (37 filled slots) go on at B = 2, W = bucket(37 + 33) = 128 (row 3 ends at 40); row 1 (69
+    filled, 6 to go) alone at B = 1 for its last 6 steps."""
+    S = aot.Segment
+    got = aot.engine_schedule([5, 5], [3, 70, 10, 40], 2, segment_len=32)
+    assert got == [S(4, 64, 4, 32, 4, 2, False), S(2, 128, 2, 32, 0, 0, True),
+                   S(1, 128, 1, 6, 0, 0, True)]
+    assert sum(s.steps for s in got) == 70
+
+
+def test_schedule_by_hand_with_refills():
+    """The same rows in 2 slots, prompts of 5 and 9: rows 0, 1 start; row 0 ends, row 2 takes its
+    slot (window 128 as row 1 has 37 filled); row 2 ends, row 3 comes in without a rearrange (same
+    shape, live rows already first); row 1 ends, row 3 finishes alone at B = 1."""
+    S = aot.Segment
+    got = aot.engine_schedule([5, 9], [3, 70, 10, 40], 2, slots=2, segment_len=32)
+    assert got == [S(2, 64, 2, 32, 2, 1, False), S(2, 128, 2, 32, 1, 1, True),
+                   S(2, 128, 2, 32, 1, 1, False), S(1, 128, 1, 8, 0, 0, True)]
+
+
+@pytest.mark.parametrize("slots", [0, 5, 16])
+def test_schedule_is_what_engine_run_does(monkeypatch, slots):
+    """engine.run with its device programs replaced by host stand-ins that decode each row to its
+    given length: the (B, W, live rows, steps) of every segment it runs = engine_schedule's."""
+    from relift_jax import engine
+    rng = np.random.default_rng(0)
+    G, prompts = 4, [[1] * int(n) for n in rng.integers(3, 40, size=6)]
+    lens = [int(x) for x in rng.integers(1, 150, size=len(prompts) * G)]
+    calls = []
+
+    def state(batch, window, len_B, gen_B, row_B, done_B):
+        return ({"k": np.zeros((1, batch, 1, window, 1))}, np.zeros((batch, 1)),
+                np.asarray(len_B), np.asarray(gen_B), np.asarray(row_B), np.asarray(done_B))
+
+    def empty(config, batch, window, put):
+        return state(batch, window, np.zeros(batch, int), np.zeros(batch, int),
+                     np.full(batch, -1), np.ones(batch, bool))
+
+    def rearrange(batch, window, st, src):
+        src = np.asarray(src)
+        keep, s = src >= 0, np.maximum(src, 0)
+        return state(batch, window, *(np.where(keep, np.asarray(x)[s], fill) for x, fill in
+                                      zip(st[2:], (0, 0, -1, True))))
+
+    def start_rows(config, params, st, prompts_, distinct, prompt_of, incoming, dst, put):
+        len_B, gen_B, row_B, done_B = (np.array(x) for x in st[2:])
+        for j, r in zip(dst, incoming):
+            len_B[j], gen_B[j], row_B[j], done_B[j] = len(prompts_[prompt_of[r]]), 0, r, False
+        return state(len(row_B), st[0]["k"].shape[3], len_B, gen_B, row_B, done_B)
+
+    def segment(config, sp, steps, params, st, key):
+        len_B, gen_B, row_B, done_B = (np.array(x) for x in st[2:])
+        B = len(row_B)
+        toks = np.full((B, steps), -1)
+        live, t = int((~done_B).sum()), 0
+        while t < steps and not done_B.all():
+            for b in np.flatnonzero(~done_B):
+                toks[b, t] = 7
+                gen_B[b] += 1
+                len_B[b] += 1
+                done_B[b] = gen_B[b] >= lens[row_B[b]]
+            t += 1
+        calls.append((B, st[0]["k"].shape[3], live, t))
+        return state(B, st[0]["k"].shape[3], len_B, gen_B, row_B, done_B), toks, np.zeros(
+            (B, steps))
+    for name, fn in (("_empty_state", empty), ("_rearrange", rearrange),
+                     ("_start_rows", start_rows), ("_segment", segment)):
+        monkeypatch.setattr(engine, name, fn)
+    sp = types.SimpleNamespace(stop_ids=(), max_new_tokens=1000)
+    tokens, _, _ = engine.run(None, None, prompts, sp, seed=0, num_samples=G, slots=slots,
+                              segment_len=16)
+    assert [len(t) for t in tokens] == lens
+    want = aot.engine_schedule([len(p) for p in prompts], lens, G, slots=slots, segment_len=16)
+    assert calls == [(s.batch, s.window, s.live, s.steps) for s in want]
+
+
+def test_response_lengths():
+    lens = aot.response_lengths(1024, 3500, 8192, "exponential")
+    assert len(lens) == 1024 and lens == sorted(lens, reverse=True)
+    assert abs(np.mean(lens) - 3500) < 1 and max(lens) == 8192 and min(lens) >= 1
+    assert 50 < sum(x == 8192 for x in lens) < 200   # the exponential's tail, cut at the cap
+    assert aot.response_lengths(16, 24, 24) == [24] * 16
+    assert aot.response_lengths(5, 10, 30, "cliff") == aot._lengths(5, 10, 30)
+
+
+def test_sampling_estimate_by_hand():
+    """Two segments at compiled shapes, on a made-up chip: 1 GB/s HBM, so 1 MB is 1 ms."""
+    chip = aot.Chip("test", 1e12, 1e15, 1e9, 2e9, 1, "")
+    shapes = [aot.SegmentShape(4, 64, 32, aot.StepCost(0.0, 1e6, 0.0), aot.StepCost(0.0, 2e6, 0.0)),
+              aot.SegmentShape(2, 128, 32, aot.StepCost(0.0, 5e5, 1e6), aot.StepCost())]
+    segs = [aot.Segment(4, 64, 4, 32, 4, 2, False), aot.Segment(2, 128, 2, 10, 0, 0, True)]
+    est = aot.estimate_sampling(segs, aot.SegmentCostModel(shapes), chip, cache_slot_bytes=100.0,
+                                prefill=aot.StepCost(0.0, 3e6, 0.0), prefill_distinct=2,
+                                prompt_bucket=16, weight_bytes=1e6)
+    # 32 x 1 ms + 2 ms; 10 steps x max(0.5 ms HBM, 1 ms ICI) (the ICI: 1 MB over 1 GB/s in)
+    assert np.allclose(est.seconds, [0.034, 0.010])
+    assert np.allclose(est.prefill_s, [0.003 + 2 * 4 * 16 * 100 / 1e9, 0.0])
+    assert np.allclose(est.rearrange_s, [0.0, 2 * 2 * 128 * 100 / 1e9])
+    assert est.bounds == ["HBM", "ICI"] and est.exact == [True, True]
+    assert np.isclose(est.total, 0.034 + 0.010 + est.prefill_s[0] + est.rearrange_s[1])
+
+
+def test_scatter_writes_in_place():
+    """A KV-cache write where each row has its own slot is a scatter: like an in-place dynamic
+    update it counts its indices and updates, not the whole cache (fused or not)."""
+    text = """HloModule m, num_partitions=1
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %r = f32[] add(%a, %b)
+}
+
+%fused (p0: f32[1000,64], p1: s32[8,1], p2: f32[8,64]) -> f32[1000,64] {
+  %p0 = f32[1000,64]{1,0} parameter(0)
+  %p1 = s32[8,1]{1,0} parameter(1)
+  %p2 = f32[8,64]{1,0} parameter(2)
+  ROOT %s = f32[1000,64]{1,0} scatter(%p0, %p1, %p2), {dims}, to_apply=%add
+}
+
+ENTRY %main (c: f32[1000,64], i: s32[8,1], u: f32[8,64]) -> (f32[1000,64], f32[1000,64]) {
+  %c = f32[1000,64]{1,0} parameter(0)
+  %i = s32[8,1]{1,0} parameter(1)
+  %u = f32[8,64]{1,0} parameter(2)
+  %f = f32[1000,64]{1,0} fusion(%c, %i, %u), kind=kCustom, calls=%fused
+  %s2 = f32[1000,64]{1,0} scatter(%f, %i, %u), {dims}, to_apply=%add
+  ROOT %t = (f32[1000,64]{1,0}, f32[1000,64]{1,0}) tuple(%f, %s2)
+}
+""".replace("{dims}", "update_window_dims={1}, inserted_window_dims={0}, "
+            "scatter_dims_to_operand_dims={0}, index_vector_dim=1")
+    update, indices = 8 * 64 * 4, 8 * 4
+    assert hlo_cost.analyse(text).bytes == 2 * (indices + 2 * update)
