@@ -40,13 +40,15 @@ Where the numbers come from (the report repeats this):
 
 The engine's sampling estimate (the report prints each step of it):
 - schedule: `engine_schedule` replays engine.run's host loop (refills, the window W = power-of-two
-  bucket of the longest row + segment_len + 1, the batch bucket shrinking once nothing is pending)
+  bucket of the longest row + segment_len + 1 capped at the longest prompt + max_response_len + 1
+  rounded to 64, the batch bucket shrinking once nothing is pending)
   for one iteration's N x G rows with assumed lengths: prompts of --prompt_len, responses
   --length_dist (default "exponential": the mid-quantiles of an exponential distribution cut at
   max_response_len, its scale solved for the mean --mean_response_len, 3,500 by default, so about
   13% of the 1,024 rows end at the cap 8,192; or "cliff": one row at the cap and the rest at the
   mean). Every segment runs min(segment_len, the longest remaining row) steps.
-- compiled segments: at every (B, W) of that schedule and at three fit points (two windows at the
+- compiled segments: at every (B, W) of that schedule (and of the other length distribution's,
+  also reported) and at three fit points (two windows at the
   largest batch: the bucket of prompt + mean response and of prompt + max_response_len, and the
   latter at the smallest batch bucket). A segment's cost is split into one decode step (its HLO
   counted at segment_len trips minus at one trip) and the rest of the call.
@@ -636,7 +638,8 @@ class EngineShapes:
     @property
     def fit_points(self) -> list[tuple[int, int]]:
         """(B, W) that pin the cost model: two windows at B = max_slots (its slope in W) and the
-        largest window at the smallest batch (its slope in B)."""
+        largest window at the smallest batch (its slope in B). With the tiny window of a toy
+        config the two windows may coincide (then the model has no slope in W)."""
         lo, hi = self.windows
         return list(dict.fromkeys([(self.max_slots, lo), (self.max_slots, hi),
                                    (self.min_slots, hi)]))
@@ -662,10 +665,13 @@ def engine_shapes(c: Configs, a: Assumptions, multiple: int) -> EngineShapes:
     n = ro.questions_per_iteration * ro.group_size
     max_slots = -(-(ro.decode_slots or n) // multiple) * multiple
     seg = ro.segment_len
-    hi = engine._bucket(a.prompt_len + ro.max_response_len + seg + 1, 64)
-    lo = engine._bucket(a.prompt_len + a.mean_response_len + seg + 1, 64)
-    if lo >= hi:
-        lo = max(64, hi // 2)
+    cap = -(-(a.prompt_len + ro.max_response_len + 1) // 64) * 64  # engine.run's window cap
+    floor = engine._bucket(a.prompt_len, 16)
+    hi = max(min(engine._bucket(a.prompt_len + ro.max_response_len + seg + 1, 64), cap), floor)
+    lo = max(min(engine._bucket(a.prompt_len + a.mean_response_len + seg + 1, 64), cap), floor)
+    if lo >= hi:  # a toy config: the next smaller power of two, if the prompts fit in it
+        below = engine._bucket(hi, 64) // 2
+        lo = below if below >= max(64, floor) else hi
     first = min(ro.questions_per_iteration, -(-max_slots // ro.group_size))
     return EngineShapes(
         rows=n, multiple=multiple, max_slots=max_slots,
@@ -681,7 +687,8 @@ def iteration_schedule(c: Configs, a: Assumptions, multiple: int, dist: str | No
     n = ro.questions_per_iteration * ro.group_size
     lens = response_lengths(n, a.mean_response_len, ro.max_response_len, dist or a.length_dist)
     return engine_schedule([a.prompt_len] * ro.questions_per_iteration, lens, ro.group_size,
-                           slots=ro.decode_slots, multiple=multiple, segment_len=ro.segment_len)
+                           slots=ro.decode_slots, multiple=multiple, segment_len=ro.segment_len,
+                           max_new_tokens=ro.max_response_len)
 
 
 def _engine(c: Configs, cfg, train_params, train_mesh, a: Assumptions,
@@ -689,7 +696,8 @@ def _engine(c: Configs, cfg, train_params, train_mesh, a: Assumptions,
     """The rollout engine's prefill of the distinct prompts and its decode segments, on the decode
     layout's mesh with the parameters in the layout's shardings and dtype (rollout.DecodeLayout;
     RolloutConfig.decode_tensor = 0 is the training mesh and parameters as they are). Segments are
-    compiled at the cost model's fit points and at every (B, W) of the iteration's schedule."""
+    compiled at the cost model's fit points and at every (B, W) of the iteration's schedule (for
+    both length distributions)."""
     from relift_jax import engine, model, sampler, sharding
     from relift_jax.rollout import DecodeLayout
     ro = c.rollout
@@ -738,7 +746,9 @@ def _engine(c: Configs, cfg, train_params, train_mesh, a: Assumptions,
                                    sharding=jax.sharding.NamedSharding(
                                        mesh, jax.sharding.PartitionSpec()))
         weights = _weight_shards(cfg, params)
-        points = set(g.fit_points) | {(s.batch, s.window) for s in schedule}
+        other = [d for d in LENGTH_DISTS if d != a.length_dist][0]  # also reported
+        points = set(g.fit_points) | {(s.batch, s.window) for s in schedule} | {
+            (s.batch, s.window) for s in iteration_schedule(c, a, multiple, other)}
         noted = False
         for B, W in sorted(points, key=lambda bw: (-bw[0], bw[1])):
             shape = (cfg.num_layers, B, cfg.num_kv_heads, W, cfg.head_dim)
@@ -819,13 +829,18 @@ class Segment:
 
 
 def engine_schedule(prompt_lens: Sequence[int], response_lens: Sequence[int], num_samples: int,
-                    *, slots: int = 0, multiple: int = 1, segment_len: int = 32) -> list[Segment]:
+                    *, slots: int = 0, multiple: int = 1, segment_len: int = 32,
+                    max_new_tokens: int | None = None) -> list[Segment]:
     """The segments engine.run makes for rows of these lengths (row i continues prompt
     i // num_samples and makes response_lens[i] tokens, its stop token included), by the same
-    refill, window and batch rules (engine._bucket, engine._batch_size)."""
+    refill, window and batch rules (engine._bucket, engine._batch_size; the window capped at the
+    longest prompt + max_new_tokens + 1, rounded up to 64; default max_new_tokens: the longest
+    response)."""
     from relift_jax import engine
     n = len(response_lens)
     max_slots = -(-(slots or n) // multiple) * multiple
+    max_new = max_new_tokens if max_new_tokens is not None else max(response_lens)
+    window_cap = -(-(max(prompt_lens) + max_new + 1) // 64) * 64
     pending = list(range(n))[::-1]
     slot_row: list[int] = []
     slot_len: list[int] = []
@@ -840,7 +855,8 @@ def engine_schedule(prompt_lens: Sequence[int], response_lens: Sequence[int], nu
             return out
         distinct = sorted({r // num_samples for r in incoming})
         longest = max([slot_len[j] for j in live] + [prompt_lens[u] for u in distinct])
-        window = max(window, engine._bucket(longest + segment_len + 1, 64))
+        window = max(window, min(engine._bucket(longest + segment_len + 1, 64), window_cap),
+                     engine._bucket(max([prompt_lens[u] for u in distinct], default=1), 16))
         batch = min(batch, engine._batch_size(len(live) + len(incoming), max_slots, multiple))
         moved = shape is not None and ((batch, window) != shape or live != list(range(len(live))))
         shape = (batch, window)

@@ -372,11 +372,15 @@ def test_schedule_is_what_engine_run_does(monkeypatch, slots):
     for name, fn in (("_empty_state", empty), ("_rearrange", rearrange),
                      ("_start_rows", start_rows), ("_segment", segment)):
         monkeypatch.setattr(engine, name, fn)
-    sp = types.SimpleNamespace(stop_ids=(), max_new_tokens=1000)
+    # max_new_tokens 150: the window's cap (longest prompt + 151, to 64) is reached
+    sp = types.SimpleNamespace(stop_ids=(), max_new_tokens=150)
     tokens, _, _ = engine.run(None, None, prompts, sp, seed=0, num_samples=G, slots=slots,
                               segment_len=16)
     assert [len(t) for t in tokens] == lens
-    want = aot.engine_schedule([len(p) for p in prompts], lens, G, slots=slots, segment_len=16)
+    want = aot.engine_schedule([len(p) for p in prompts], lens, G, slots=slots, segment_len=16,
+                               max_new_tokens=150)
+    cap = -(-(max(len(p) for p in prompts) + 151) // 64) * 64
+    assert want[-1].window == cap != 1 << (cap - 1).bit_length()
     assert calls == [(s.batch, s.window, s.live, s.steps) for s in want]
 
 
