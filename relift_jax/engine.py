@@ -233,8 +233,13 @@ def _batch_size(rows: int, max_slots: int, multiple: int) -> int:
     return -(-b // multiple) * multiple
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _empty_cache(config: ModelConfig, batch: int, window: int):
+    return _constrain_cache(init_cache(config, batch, window))
+
+
 def _empty_state(config: ModelConfig, batch: int, window: int, put: _Placer):
-    cache = jax.jit(lambda: _constrain_cache(init_cache(config, batch, window)))()
+    cache = _empty_cache(config, batch, window)  # compiled once per shape, not once per call
     vocab = config.vocab_size
     return (cache, put.batch(np.zeros((batch, vocab), np.float32)),
             put.batch(np.zeros(batch, np.int32)), put.batch(np.zeros(batch, np.int32)),

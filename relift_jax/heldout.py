@@ -4,6 +4,7 @@ ids and graded text as the RL rollouts.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Sequence
@@ -44,14 +45,14 @@ class HeldOut:
             max_new_tokens=r.max_response_len, max_prompt_len=r.max_prompt_len,
             keep_system_prompt=r.keep_system_prompt, think_prefix=r.think_prefix,
             require_think_close=t.require_think_close, seed=t.seed, batch_size=max(64, samples))
-        if self.layout is None:
+        mesh, in_mesh = self.mesh, contextlib.nullcontext()
+        if self.layout is not None:  # the sampler's own weight layout (RL rollouts' too)
+            params, mesh, in_mesh = self.layout(params), self.layout.mesh, jax.set_mesh(
+                self.layout.mesh)
+        with in_mesh:
             return evaluate.evaluate(self.cfg, params, self.tok, {"heldout": self.examples},
-                                     settings, scorer=self.scorer, progress=False, mesh=self.mesh,
+                                     settings, scorer=self.scorer, progress=False, mesh=mesh,
                                      stop_ids=self.stop_ids)
-        with jax.set_mesh(self.layout.mesh):  # the sampler's own weight layout (RL rollouts' too)
-            return evaluate.evaluate(self.cfg, self.layout(params), self.tok,
-                                     {"heldout": self.examples}, settings, scorer=self.scorer,
-                                     progress=False, mesh=self.layout.mesh, stop_ids=self.stop_ids)
 
     def curve_point(self, params, iteration: int) -> dict[str, float]:
         """The scalars of one point on the eval curves (empty without held-out data)."""

@@ -94,9 +94,3 @@ def make_logprobs_fn(cfg: ModelConfig, chunk_len: int = 0, mesh=None
         return np.asarray(sharding.global_to_host(logprobs(params, *inputs)))
     return fn
 
-
-def make_ref_logprobs_fn(cfg: ModelConfig, ref_params: Any, chunk_len: int = 0, mesh=None
-                         ) -> Callable[[RLBatch], np.ndarray]:
-    """A frozen copy of the start policy: batch -> token-aligned reference log-probs [M, b, T]."""
-    fn = make_logprobs_fn(cfg, chunk_len, mesh)
-    return lambda batch: fn(ref_params, batch)

@@ -8,6 +8,7 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -110,15 +111,16 @@ def _set_up(run_dir: str, c: RunConfig, operative_gin: str | None, mesh) -> _Run
     scorer = ProcessShareScorer(RewardScorer(  # multi-host: each process grades its share
         c.train.reward, num_workers=c.train.reward_workers, timeout_s=c.train.reward_timeout_s,
         require_think_close=c.train.require_think_close))
-    ref_fn = (rollout.make_ref_logprobs_fn(cfg, jax.tree.map(jnp.copy, params),
-                                           c.model.logits_chunk_len, mesh)
+    # One jitted training forward serves the policy's log-probs and the frozen reference's.
+    logprobs_fn = rollout.make_logprobs_fn(cfg, c.model.logits_chunk_len, mesh)
+    ref_fn = (functools.partial(logprobs_fn, jax.tree.map(jnp.copy, params))
               if c.rl.kl_coef > 0 else None)  # a frozen copy of the start policy, only when used
     ctl = Controller(questions=d.questions, train=c.train, rollout=c.rollout, rl=c.rl, sft=c.sft,
                      packing=steps.packing, rl_step=steps.rl, sft_step=steps.sft,
                      sample_fn=rollout.make_sample_fn(cfg, c.rollout, stops, tok.pad_token_id, mesh),
                      score_fn=rollout.make_score_fn(tok, scorer, stops, c.train.reward),
                      ref_logprobs_fn=ref_fn, shuffle=c.data.shuffle,
-                     logprobs_fn=rollout.make_logprobs_fn(cfg, c.model.logits_chunk_len, mesh))
+                     logprobs_fn=logprobs_fn)
     writer = metrics.MetricsWriter(run_dir)
     held = HeldOut(run_dir=run_dir, model_cfg=cfg, tokenizer=tok, examples=d.heldout, train=c.train,
                    rollout=c.rollout, scorer=scorer, stop_ids=stops, mesh=mesh, writer=writer,
