@@ -41,7 +41,7 @@ class Study:
 
 
 STUDIES: dict[str, Study] = {
-    "buffer_size": Study("SFTConfig.buffer_size", (8, 16, 32, 64), 32, label="buffer size M"),
+    "buffer_size": Study("SFTConfig.buffer_size", (16, 32, 64), 32, label="buffer size M"),
     "threshold": Study("SFTConfig.hardest_max_pass_rate", (0.0, 0.125), 0.0,
                        label="hardest = pass rate <= (0.125 = at most 1 of 8)"),
     "sft_lr": Study("SFTConfig.learning_rate", (1e-4, 3e-4, 1e-3), 3e-4, label="SFT learning rate"),
