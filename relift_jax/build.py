@@ -1,4 +1,5 @@
-"""Set-up of a training run from plain configs: model, data, train state and the two jitted steps.
+"""Set-up of a training run from plain configs: model, data, train state, the two jitted steps, and
+the teacher that writes demonstrations when SFTConfig.demo_source = 'teacher'.
 
 All validation of the data against the configs happens here, before any compilation; errors are
 `ConfigError`s naming the binding and the rule.
@@ -14,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from relift_jax import data, hf, model, sharding
+from relift_jax import data, encoding, hf, model, rollout, rollout_policy, sharding
 from relift_jax.batches import Packing, device_batch
-from relift_jax.config import ConfigError, DataConfig, ModelLoadConfig, RolloutConfig, RunConfig
+from relift_jax.config import (ConfigError, DataConfig, ModelLoadConfig, RolloutConfig, RunConfig,
+                               TeacherConfig)
 from relift_jax.controller import Question
+from relift_jax.demos import TeacherDemos
 from relift_jax.heldout import example_level
 from relift_jax.train_step import (TrainState, init_state, jit_step, make_optimizer, make_schedule,
                                    rl_train_step, sft_train_step)
@@ -119,18 +122,19 @@ class Data:
     questions: list[Question]
     heldout: list[data.Example]  # held-out rows that pass the prompt-length filter
     dropped: int                 # training prompts dropped as too long
+    examples: list[data.Example] = dataclasses.field(default_factory=list)  # one per question
 
 
 def load_data(c: RunConfig, tok, run_dir: str) -> Data:
     max_demo = c.sft.max_demo_len or c.rollout.max_response_len
     train_ex, held_ex = split_heldout(data.load_examples(resolve_data(c.data.train, run_dir)),
                                       c.data, c.train.seed, run_dir)
-    questions, _, dropped = make_questions(train_ex, tok, c.rollout, max_demo)
+    questions, kept, dropped = make_questions(train_ex, tok, c.rollout, max_demo)
     if not questions:
         raise ConfigError(f"DataConfig.train = {c.data.train!r}: no usable question "
                           f"({dropped} dropped as longer than max_prompt_len)")
     n_demos = sum(q.demo_ids is not None for q in questions)
-    if c.train.mode != "rl" and not n_demos:
+    if c.train.mode != "rl" and c.sft.demo_source == "column" and not n_demos:
         raise ConfigError(f"TrainConfig.mode = {c.train.mode!r} needs demonstrations but "
                           f"{c.data.train!r} has none")
     if c.train.mode == "relift_uniform" and c.sft.buffer_size > n_demos:
@@ -139,7 +143,56 @@ def load_data(c: RunConfig, tok, run_dir: str) -> Data:
     held = make_questions(held_ex, tok, c.rollout, max_demo)[1] if held_ex else []
     if c.train.eval_questions:
         held = held[:c.train.eval_questions]
-    return Data(questions, held, dropped)
+    return Data(questions, held, dropped, kept)
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+def check_teacher_path(t: TeacherConfig) -> None:
+    if t.path is not None and not os.path.exists(t.path):
+        raise ConfigError(f"TeacherConfig.path = {t.path!r}: no such folder (teachers load from a "
+                          f"local Hugging Face folder; TeacherConfig.build_gin builds one)")
+    tok = t.tokenizer_path
+    if tok not in (None, "toy") and not os.path.isdir(tok):
+        raise ConfigError(f"TeacherConfig.tokenizer_path = {tok!r}: no such folder")
+
+
+def make_teacher_demos(c: RunConfig, run_dir: str, examples: list[data.Example], student_tok,
+                       scorer, mesh) -> TeacherDemos:
+    """The teacher demonstration source: its model from TeacherConfig.path (its own parameters,
+    placed in its sampler's layout over the run's devices), sampled with the run's sampler and its
+    own tokenizer and stop ids, graded by the run's scorer, encoded for the student."""
+    t = c.teacher
+    check_teacher_path(t)
+    load = ModelLoadConfig(path=t.path, tokenizer_path=t.tokenizer_path,
+                           param_dtype=t.param_dtype, compute_dtype=t.compute_dtype)
+
+    def shardings_for(cfg):  # loaded straight into the layout its sampler uses
+        layout = rollout.DecodeLayout(cfg, mesh, t.decode_tensor)
+        return layout.shardings or param_shardings_for(mesh)(cfg)
+    cfg, params, tok, model_dir = load_model(load, shardings_for)
+    stops = rollout_policy.stop_ids(tok, model_dir)
+    r = dataclasses.replace(c.rollout, temperature=t.temperature, top_p=1.0, top_k=0,
+                            max_response_len=t.max_response_len or c.rollout.max_response_len,
+                            decode_tensor=t.decode_tensor)
+    max_demo = c.sft.max_demo_len or c.rollout.max_response_len
+
+    def prompt_fn(ex: data.Example) -> list[int] | None:
+        text = encoding.render_prompt(tok, ex.messages, keep_system_prompt=r.keep_system_prompt,
+                                      think_prefix=r.think_prefix)
+        ids = [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
+        return ids if len(ids) <= r.max_prompt_len else None
+
+    return TeacherDemos(
+        run_dir=run_dir, examples=examples, params=params, prompt_fn=prompt_fn,
+        sample_fn=rollout.make_sample_fn(cfg, r, stops, tok.pad_token_id, mesh),
+        score_fn=rollout.make_score_fn(tok, scorer, stops, c.train.reward),
+        text_fn=lambda ids: rollout_policy.response_text(tok, ids, stops),
+        encode_fn=lambda text: encoding.encode_demonstration(
+            student_tok, text, max_len=max_demo, eos_id=student_tok.eos_token_id,
+            think_prefix=c.rollout.think_prefix)[0],
+        tries=t.tries, seed=c.train.seed,
+        think_prefix=encoding.THINK_PREFIX if c.rollout.think_prefix else "")
 
 
 # ----------------------------------------------------------------------------- state and steps

@@ -173,6 +173,9 @@ class RLConfig:
         return _optim(self)
 
 
+DEMO_SOURCES = ("column", "teacher")
+
+
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
     """The demonstration buffer and the SFT step (its own AdamW by default, as in the official code)."""
@@ -185,6 +188,11 @@ class SFTConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    # After warmup: "constant", or "linear" / "cosine" decay to final_lr_fraction x learning_rate
+    # over decay_steps SFT steps (the toy teacher's recipe decays; ReLIFT keeps it constant).
+    schedule: str = "constant"
+    decay_steps: int = 0
+    final_lr_fraction: float = 0.0
     entropy_coef: float = 0.001
     share_optimizer: bool = False
     micro_batch_size: int = 8
@@ -193,10 +201,20 @@ class SFTConfig:
     uniform_every: int = 4            # mode relift_uniform: SFT every k iterations on random questions
     sft_iterations: int = 0           # mode sft_then_rl: iterations of pure SFT before RL
     sft_questions_per_step: int | None = None  # modes sft / sft_then_rl: None = buffer_size
+    # Where a hardest question's demonstration comes from (mode relift): "column" = the dataset's
+    # own; "teacher" = the first of TeacherConfig.tries teacher samples that the run's reward
+    # accepts (relift_jax.demos). A question without one stays out of the buffer.
+    demo_source: str = "column"
+    # A question enters the buffer only once it has been hardest in this many visits (across
+    # epochs); 1 = at its first hardest visit.
+    hardest_visits: int = 1
 
     def __post_init__(self):
         n = type(self).__name__
         _check(self.buffer_size > 0, n, "buffer_size", self.buffer_size, "must be > 0")
+        _check(self.demo_source in DEMO_SOURCES, n, "demo_source", self.demo_source,
+               f"must be one of {DEMO_SOURCES}")
+        _check(self.hardest_visits >= 1, n, "hardest_visits", self.hardest_visits, "must be >= 1")
         _check(self.buffer_order in ("newest", "oldest"), n, "buffer_order", self.buffer_order,
                "must be newest or oldest")
         _check(0.0 <= self.hardest_max_pass_rate < 1.0, n, "hardest_max_pass_rate",
@@ -204,9 +222,15 @@ class SFTConfig:
         _check(self.steps_per_trigger > 0, n, "steps_per_trigger", self.steps_per_trigger,
                "must be > 0")
         _check(self.uniform_every > 0, n, "uniform_every", self.uniform_every, "must be > 0")
+        _check(self.schedule in ("constant", "linear", "cosine"), n, "schedule", self.schedule,
+               "must be constant, linear or cosine")
+        _check(self.schedule == "constant" or self.decay_steps > 0, n, "decay_steps",
+               self.decay_steps, f"must be > 0 for schedule {self.schedule!r}")
 
     def optim(self) -> OptimConfig:
-        return _optim(self)
+        return dataclasses.replace(_optim(self), schedule=self.schedule,
+                                   decay_steps=self.decay_steps,
+                                   final_lr_fraction=self.final_lr_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +299,44 @@ class ModelLoadConfig:
                self.path, "give a Hugging Face folder, or random_init and tokenizer_path")
 
 
+DTYPES = tuple(model._DTYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """The teacher that writes demonstrations when SFTConfig.demo_source = 'teacher' (mode relift).
+
+    A Hugging Face folder sampled with the run's own sampler, on its own copy of the weights over
+    the run's devices, with its own tokenizer and stop ids; `tries` samples per hardest question,
+    the first the run's reward accepts becomes the demonstration (relift_jax.demos).
+    """
+
+    path: str | None = None            # a Hugging Face folder (required with demo_source 'teacher')
+    tokenizer_path: str | None = None  # None: the teacher's folder; 'toy': the toy tokenizer
+    # When `path` does not exist: build it first by running this gin file into build_run_dir
+    # (the toy teacher; its export/final must be `path`), as ModelLoadConfig.build_gin.
+    build_gin: str | None = None
+    build_run_dir: str | None = None
+    tries: int = 4                     # k samples per question; the first accepted one is kept
+    temperature: float = 1.0
+    max_response_len: int | None = None  # None: the rollout's max_response_len
+    decode_tensor: int = 0             # its sampler's weight layout, as RolloutConfig.decode_tensor
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.tries > 0, n, "tries", self.tries, "must be > 0")
+        _check(self.temperature >= 0, n, "temperature", self.temperature, "must be >= 0")
+        _check(self.max_response_len is None or self.max_response_len > 0, n, "max_response_len",
+               self.max_response_len, "must be None (the rollout's) or > 0")
+        _check(self.decode_tensor >= 0, n, "decode_tensor", self.decode_tensor, "must be >= 0")
+        _check(self.param_dtype in DTYPES, n, "param_dtype", self.param_dtype,
+               f"must be one of {DTYPES}")
+        _check(self.compute_dtype in DTYPES, n, "compute_dtype", self.compute_dtype,
+               f"must be one of {DTYPES}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Training and held-out data files (ReLIFT/LUFFY parquet or jsonl, or the plain schema)."""
@@ -303,3 +365,14 @@ class RunConfig:
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+
+    def __post_init__(self):
+        if self.sft.demo_source != "teacher":
+            return
+        _check(self.train.mode == "relift", "SFTConfig", "demo_source", self.sft.demo_source,
+               f"teacher demonstrations are only for TrainConfig.mode 'relift', got "
+               f"{self.train.mode!r} (the other modes train on the dataset's column)")
+        _check(self.teacher.path is not None, "SFTConfig", "demo_source", self.sft.demo_source,
+               "needs TeacherConfig.path (a Hugging Face folder; with TeacherConfig.build_gin it "
+               "is built when absent)")

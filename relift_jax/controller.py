@@ -2,7 +2,10 @@
 
 One controller runs every method of the paper as a mode:
   relift            RL on every batch; questions whose G samples all fail (pass rate <= threshold) and
-                    that have a demonstration enter a buffer; at M of them, SFT step(s) on M.
+                    that have a demonstration enter a buffer; at M of them, SFT step(s) on M. The
+                    demonstrations come from an injected source (relift_jax.demos: the dataset's
+                    column, or a teacher's verified samples); with SFTConfig.hardest_visits = v a
+                    question enters only from its v-th hardest visit on.
   rl                RL only.
   sft               SFT on demonstrations only (no sampling).
   sft_then_rl       `SFTConfig.sft_iterations` iterations of SFT, then RL.
@@ -28,6 +31,7 @@ from relift_jax import losses
 from relift_jax.batches import Packing, attach_sft, pack_rl_batch, pack_sft_batch, with_ref_logprobs
 from relift_jax.config import RLConfig, RolloutConfig, SFTConfig, TrainConfig
 from relift_jax.data import DataCursor
+from relift_jax.demos import ColumnDemos
 
 
 @dataclasses.dataclass
@@ -87,13 +91,15 @@ class Controller:
       ref_logprobs_fn: batch -> token-aligned reference log-probs (only when RL uses a KL penalty).
       logprobs_fn: (params, batch) -> the training forward's token-aligned log-probs (the
         sampler/trainer mismatch, RLConfig.old_logprobs = "recompute", truncated IS).
+      demos: where the hardest questions' demonstrations come from (demos.ColumnDemos, the default,
+        or demos.TeacherDemos); `request(ids, iteration)` and `get(id)`.
     """
 
     def __init__(self, *, questions: list[Question], train: TrainConfig, rollout: RolloutConfig,
                  rl: RLConfig, sft: SFTConfig, packing: Packing, rl_step: Callable,
                  sft_step: Callable, sample_fn: Callable, score_fn: Callable,
                  ref_logprobs_fn: Callable | None = None, shuffle: bool = True,
-                 logprobs_fn: Callable | None = None):
+                 logprobs_fn: Callable | None = None, demos: Any = None):
         self.q = questions
         self.train, self.rollout, self.rl, self.sft = train, rollout, rl, sft
         self.packing = packing
@@ -101,6 +107,7 @@ class Controller:
         self.sample_fn, self.score_fn = sample_fn, score_fn
         self.ref_logprobs_fn = ref_logprobs_fn
         self.logprobs_fn = logprobs_fn
+        self.demos = demos if demos is not None else ColumnDemos(questions)
         self.demo_ids = [i for i, q in enumerate(questions) if q.demo_ids is not None]
         self.iteration = 0
         self.cursor = DataCursor(len(questions), seed=train.seed, shuffle=shuffle)
@@ -108,13 +115,24 @@ class Controller:
                                       shuffle=shuffle)
         self.buffer = DemoBuffer()
         self.demos_used: set[int] = set()
-        self.counters = {"sft_fired": 0, "rl_updates": 0, "sft_updates": 0, "questions_seen": 0}
+        self.counters = self._fresh_counters()
+        self.hardest_visits: dict[int, int] = {}  # question -> hardest visits (hardest_visits > 1)
+
+    def _fresh_counters(self) -> dict[str, int]:
+        c = {"sft_fired": 0, "rl_updates": 0, "sft_updates": 0, "questions_seen": 0,
+             "hardest_without_demo": 0}
+        if self.demos.kind == "teacher":
+            c.update(teacher_requests=0, teacher_accepted=0, teacher_tries=0)
+        return c
 
     # ------------------------------------------------------------------ state for checkpoints
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "cursor": self.cursor.state(),
-                "demo_cursor": self.demo_cursor.state(), "buffer": list(self.buffer.items),
-                "demos_used": sorted(self.demos_used), "counters": dict(self.counters)}
+        d = {"iteration": self.iteration, "cursor": self.cursor.state(),
+             "demo_cursor": self.demo_cursor.state(), "buffer": list(self.buffer.items),
+             "demos_used": sorted(self.demos_used), "counters": dict(self.counters)}
+        if self.sft.hardest_visits > 1:
+            d["hardest_visits"] = sorted([i, n] for i, n in self.hardest_visits.items())
+        return d
 
     def load_state_dict(self, d: dict) -> None:
         self.iteration = int(d["iteration"])
@@ -122,7 +140,9 @@ class Controller:
         self.demo_cursor.restore(d["demo_cursor"])
         self.buffer = DemoBuffer(int(i) for i in d["buffer"])
         self.demos_used = {int(i) for i in d["demos_used"]}
-        self.counters = {k: int(v) for k, v in d["counters"].items()}
+        # Checkpoints written before a counter existed restore it as 0.
+        self.counters = {**self._fresh_counters(), **{k: int(v) for k, v in d["counters"].items()}}
+        self.hardest_visits = {int(i): int(n) for i, n in d.get("hardest_visits", [])}
 
     # ------------------------------------------------------------------ one iteration
     def phase(self) -> str:
@@ -135,16 +155,16 @@ class Controller:
         """Runs iteration `self.iteration` and returns the new state and host metrics."""
         phase = self.phase()
         metrics: dict[str, float] = {}
-        timing = {"sample": 0.0, "score": 0.0, "rl": 0.0, "sft": 0.0}
+        timing = {"sample": 0.0, "score": 0.0, "rl": 0.0, "sft": 0.0, "demos": 0.0}
         fired = 0
         if phase == "sft":
             m = self.sft.sft_questions_per_step or self.sft.buffer_size
             ids = [self.demo_ids[i] for i in self.demo_cursor.next(m)]
             state, fired = self._sft(state, ids, metrics, timing)
         else:
-            state, hardest = self._rl_iteration(state, metrics, timing)
+            state, failing = self._rl_iteration(state, metrics, timing)
             if phase == "relift":
-                self.buffer.add(hardest)
+                self.buffer.add(self._hardest_with_demos(failing, metrics, timing))
                 if len(self.buffer) >= self.sft.buffer_size:  # at most one trigger per iteration
                     ids = self.buffer.take(self.sft.buffer_size, self.sft.buffer_order)
                     state, fired = self._sft(state, ids, metrics, timing)
@@ -203,10 +223,34 @@ class Controller:
             sum(len(qs[r // G].prompt_ids) + len(ro.tokens[r]) for r in rows)
             / max(timing["rl"], 1e-9))
 
-        hardest = [i for j, i in enumerate(ids)
-                   if pass_N[j] <= self.sft.hardest_max_pass_rate and self.q[i].demo_ids is not None]
-        metrics["buffer/hardest_in_batch"] = len(hardest)
-        return state, hardest
+        failing = [i for j, i in enumerate(ids) if pass_N[j] <= self.sft.hardest_max_pass_rate]
+        # Mode relift replaces this with the demonstration source's answer (_hardest_with_demos).
+        metrics["buffer/hardest_in_batch"] = sum(self.q[i].demo_ids is not None for i in failing)
+        return state, failing
+
+    def _hardest_with_demos(self, failing: list[int], metrics, timing) -> list[int]:
+        """The hardest questions that enter the buffer: hardest in enough visits, and with a
+        demonstration from the source (the others are counted, not buffered)."""
+        ready = failing
+        if self.sft.hardest_visits > 1:
+            for i in failing:
+                self.hardest_visits[i] = self.hardest_visits.get(i, 0) + 1
+            ready = [i for i in failing if self.hardest_visits[i] >= self.sft.hardest_visits]
+        t0 = time.perf_counter()
+        reply = self.demos.request(ready, self.iteration)
+        timing["demos"] = time.perf_counter() - t0
+        self.counters["hardest_without_demo"] += len(ready) - len(reply.ids)
+        metrics["buffer/hardest_in_batch"] = len(reply.ids)
+        metrics["buffer/hardest_without_demo"] = len(ready) - len(reply.ids)
+        if self.demos.kind == "teacher":
+            self.counters["teacher_requests"] += reply.requests
+            self.counters["teacher_accepted"] += reply.accepted
+            self.counters["teacher_tries"] += reply.tries
+            metrics["demos/teacher_requests"] = reply.requests
+            metrics["demos/teacher_accepted"] = reply.accepted
+            if reply.requests:
+                metrics["demos/teacher_tries_mean"] = reply.tries / reply.requests
+        return reply.ids
 
     def _rl_updates(self, state, ids: list[int], ro: Rollouts, adv_NG: np.ndarray,
                     rows: list[int], metrics: dict) -> Any:
@@ -270,7 +314,7 @@ class Controller:
 
     def _sft_batch(self, ids: list[int]):
         return pack_sft_batch([self.q[i].prompt_ids for i in ids],
-                              [self.q[i].demo_ids for i in ids],
+                              [self.demos.get(i) for i in ids],
                               dataclasses.replace(
                                   self.packing, micro_batch_size=self.sft.micro_batch_size,
                                   tokens_per_micro_batch=self.sft.tokens_per_micro_batch))

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import gin
 
 from relift_jax.config import (ConfigError, DataConfig, ModelLoadConfig, RLConfig, RolloutConfig,
-                               RunConfig, SFTConfig, TrainConfig)
+                               RunConfig, SFTConfig, TeacherConfig, TrainConfig)
 from relift_jax.sharding import MeshConfig
 
 
@@ -38,7 +38,7 @@ def run(run_dir: str | None = None, stop_after: int | None = None) -> dict:
 
 
 _CONFIG_CLASSES = (MeshConfig, ModelLoadConfig, DataConfig, TrainConfig, RolloutConfig, RLConfig,
-                   SFTConfig)
+                   SFTConfig, TeacherConfig)
 _REGISTERED: dict[Any, Any] = {}  # class or function -> its gin wrapper (gin registers a name once)
 _SEARCH_PATHS: list[str] = []
 
@@ -118,7 +118,7 @@ def load_job(gin_files: Sequence[str], bindings: Sequence[str] = (), *,
         configs = RunConfig(model=configured(ModelLoadConfig), data=configured(DataConfig),
                             train=configured(TrainConfig), rollout=configured(RolloutConfig),
                             rl=configured(RLConfig), sft=configured(SFTConfig),
-                            mesh=configured(MeshConfig))
+                            mesh=configured(MeshConfig), teacher=configured(TeacherConfig))
         operative = gin.operative_config_str()
     finally:
         # The bindings belong to this job: nothing built later in this process may see them.
@@ -132,19 +132,34 @@ def load_job(gin_files: Sequence[str], bindings: Sequence[str] = (), *,
     return Job(args["run_dir"], configs, operative, args["stop_after"])
 
 
+def _build_if_absent(name: str, path: str | None, build_gin: str | None,
+                     build_run_dir: str | None) -> None:
+    """Runs the recipe `build_gin` (in this process) when the model folder `path` is absent."""
+    from relift_jax import build
+    if path is None or os.path.exists(path) or not build_gin:
+        return
+    recipe = load_job([build_gin], run_dir=build_run_dir)
+    build.check_model_path(recipe.configs.model)
+    print(f"{path} is absent: building it with --gin_file={build_gin}", flush=True)
+    run_job(recipe)
+    if not os.path.exists(path):
+        raise ConfigError(f"{name}.build_gin = {build_gin!r} ran but did not create "
+                          f"{name}.path = {path!r}")
+
+
 def run_job(job: Job) -> dict:
-    """Builds the base model first when the job says how (the toy recipe), then trains."""
+    """Builds the base model (and the teacher) first when the job says how (the toy recipes), then
+    trains."""
     from relift_jax import build, train
-    m = job.configs.model
-    if m.path is not None and not os.path.exists(m.path) and m.build_gin:
-        base = load_job([m.build_gin], run_dir=m.build_run_dir)
-        build.check_model_path(base.configs.model)
-        print(f"{m.path} is absent: building it with --gin_file={m.build_gin}", flush=True)
-        run_job(base)
-        if not os.path.exists(m.path):
-            raise ConfigError(f"ModelLoadConfig.build_gin = {m.build_gin!r} ran but did not create "
-                              f"ModelLoadConfig.path = {m.path!r}")
+    m, t = job.configs.model, job.configs.teacher
+    teacher = job.configs.sft.demo_source == "teacher"
+    if teacher and not t.build_gin:
+        build.check_teacher_path(t)  # before any work
+    _build_if_absent("ModelLoadConfig", m.path, m.build_gin, m.build_run_dir)
     build.check_model_path(m)
+    if teacher:
+        _build_if_absent("TeacherConfig", t.path, t.build_gin, t.build_run_dir)
+        build.check_teacher_path(t)
     return train.run(job.run_dir, job.configs, stop_after=job.stop_after,
                      operative_gin=job.operative_gin)
 

@@ -115,12 +115,14 @@ def _set_up(run_dir: str, c: RunConfig, operative_gin: str | None, mesh) -> _Run
     logprobs_fn = rollout.make_logprobs_fn(cfg, c.model.logits_chunk_len, mesh)
     ref_fn = (functools.partial(logprobs_fn, jax.tree.map(jnp.copy, params))
               if c.rl.kl_coef > 0 else None)  # a frozen copy of the start policy, only when used
+    demos = (build.make_teacher_demos(c, run_dir, d.examples, tok, scorer, mesh)
+             if c.sft.demo_source == "teacher" else None)  # None: the dataset's column
     ctl = Controller(questions=d.questions, train=c.train, rollout=c.rollout, rl=c.rl, sft=c.sft,
                      packing=steps.packing, rl_step=steps.rl, sft_step=steps.sft,
                      sample_fn=rollout.make_sample_fn(cfg, c.rollout, stops, tok.pad_token_id, mesh),
                      score_fn=rollout.make_score_fn(tok, scorer, stops, c.train.reward),
                      ref_logprobs_fn=ref_fn, shuffle=c.data.shuffle,
-                     logprobs_fn=logprobs_fn)
+                     logprobs_fn=logprobs_fn, demos=demos)
     writer = metrics.MetricsWriter(run_dir)
     held = HeldOut(run_dir=run_dir, model_cfg=cfg, tokenizer=tok, examples=d.heldout, train=c.train,
                    rollout=c.rollout, scorer=scorer, stop_ids=stops, mesh=mesh, writer=writer,
