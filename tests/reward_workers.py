@@ -38,3 +38,9 @@ def raise_on_marker(response: str, ground_truth: str, *, require_think_close: bo
 def length_reward(response: str, ground_truth: str, *, require_think_close: bool = True) -> float:
     """A custom non-binary reward used to check that custom rewards plug in."""
     return 0.5 if len(response) > len(ground_truth) else 0.25
+
+
+def fifths_reward(response: str, ground_truth: str, *, require_think_close: bool = True) -> float:
+    """A reward a random model earns about one time in five: 1 iff the text's code points sum to a
+    multiple of 5 (deterministic; tests/test_demos.py needs some teacher answers accepted)."""
+    return 1.0 if sum(map(ord, response)) % 5 == 0 else 0.0
