@@ -172,9 +172,13 @@ def make_teacher_demos(c: RunConfig, run_dir: str, examples: list[data.Example],
         return layout.shardings or param_shardings_for(mesh)(cfg)
     cfg, params, tok, model_dir = load_model(load, shardings_for)
     stops = rollout_policy.stop_ids(tok, model_dir)
+    # Slots: the most rows a request can hold, so that the engine's batch is a power-of-two bucket
+    # of it, a handful of programs for the run, not one per number of hardest questions (the
+    # draws do not depend on the slots).
     r = dataclasses.replace(c.rollout, temperature=t.temperature, top_p=1.0, top_k=0,
                             max_response_len=t.max_response_len or c.rollout.max_response_len,
-                            decode_tensor=t.decode_tensor)
+                            decode_tensor=t.decode_tensor, decode_slots=c.rollout.decode_slots or
+                            c.rollout.questions_per_iteration * t.tries)
     max_demo = c.sft.max_demo_len or c.rollout.max_response_len
 
     def prompt_fn(ex: data.Example) -> list[int] | None:
