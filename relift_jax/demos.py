@@ -6,8 +6,8 @@ token ids); only questions with a demonstration enter the buffer. `kind` names t
 
   ColumnDemos   the dataset's own demonstration (`Question.demo_ids`): today's ReLIFT.
   TeacherDemos  a teacher model samples `tries` answers per question in one batch, the run's
-                reward grades them, and the first accepted one, encoded for the student, is the
-                demonstration. Every result (accepted or not) is cached in
+                reward grades them, and the first accepted one (reward 1: the maths rule's
+                "correct"), encoded for the student, is the demonstration. Every result (accepted or not) is cached in
                 `<run_dir>/teacher_demos.jsonl`, so a resumed run never asks again.
 
 Host-side: the sampler, scorer and encoder are injected callables (build.make_teacher_demos wires
