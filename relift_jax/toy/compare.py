@@ -126,19 +126,38 @@ def run_all(methods: list[str], seeds: list[int], budget: str, runs_dir: str, ex
         order.insert(0, REFERENCE)
     waves = [[m for m in order if m != "sft_equal"], [m for m in order if m == "sft_equal"]]
     for wave in waves:
-        todo = [(m, s) for m in wave for s in seeds
-                if not done(run_dir_of(runs_dir, budget, m, s))]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = []
-            for m, s in todo:
-                spec = job(m, s, budget, runs_dir, extra)
-                if spec is None:
-                    print(f"skip {m} seed {s}: its ReLIFT run fired no SFT step")
-                    continue
-                futures.append(pool.submit(launch, spec[0], run_dir_of(runs_dir, budget, m, s),
-                                           spec[1], 1 if jobs > 1 else None))
-            for f in futures:
-                f.result()
+        specs = []
+        for m, s in [(m, s) for m in wave for s in seeds]:
+            if done(run_dir_of(runs_dir, budget, m, s)):
+                continue
+            spec = job(m, s, budget, runs_dir, extra)
+            if spec is None:
+                print(f"skip {m} seed {s}: its ReLIFT run fired no SFT step")
+                continue
+            specs.append((spec[0], run_dir_of(runs_dir, budget, m, s), spec[1]))
+        launch_all(specs, jobs)
+
+
+def launch_all(specs: list[tuple[str, str, list[str]]], jobs: int = 1) -> None:
+    """Runs (gin file, run dir, bindings) jobs, `jobs` at once (one XLA thread each when > 1)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(launch, g, rd, b, 1 if jobs > 1 else None) for g, rd, b in specs]
+        for f in futures:
+            f.result()
+
+
+def gin_bindings(extra: list[str]) -> list[str]:
+    """The `--gin.NAME=VALUE` flags among unparsed arguments, as bindings `NAME=VALUE`."""
+    return [e[len("--gin."):] for e in extra if e.startswith("--gin.")]
+
+
+def names_from(p: argparse.ArgumentParser, flag: str, value: str, known) -> list[str]:
+    """A comma-separated list of names, each one of `known` (else the parser's usage error)."""
+    names = [n for n in value.split(",") if n]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        p.error(f"{flag}: unknown {unknown}; known: {', '.join(known)}")
+    return names
 
 
 # ----------------------------------------------------------------------------- collect
@@ -301,11 +320,8 @@ def main(argv=None) -> None:
                    help="runs at once (each with one XLA thread when > 1)")
     p.add_argument("--collect_only", action="store_true", help="only rebuild the table and plots")
     args, extra = p.parse_known_args(argv)
-    extra = [e[len("--gin."):] for e in extra if e.startswith("--gin.")]
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        p.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    extra = gin_bindings(extra)
+    methods = names_from(p, "--methods", args.methods, METHODS)
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
     if not args.collect_only:

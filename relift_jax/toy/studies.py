@@ -20,7 +20,6 @@ with 95% bootstrap intervals, paired differences to the default value, demonstra
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import json
 import os
@@ -68,12 +67,8 @@ def run_study(study: Study, seeds: list[int], runs_dir: str, jobs: int = 1,
     the comparison's ReLIFT run, so `extra` must match what that was run with)."""
     todo = [(v, s) for v in study.values for s in seeds
             if not compare.done(run_dir_of(runs_dir, study, v, s))]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(compare.launch, gin_file, run_dir_of(runs_dir, study, v, s),
-                               bindings(study, v, s, extra), 1 if jobs > 1 else None)
-                   for v, s in todo]
-        for f in futures:
-            f.result()
+    compare.launch_all([(gin_file, run_dir_of(runs_dir, study, v, s), bindings(study, v, s, extra))
+                        for v, s in todo], jobs)
 
 
 def summarize(study: Study, seeds: list[int], runs_dir: str) -> dict:
@@ -163,11 +158,8 @@ def main(argv=None) -> None:
     p.add_argument("--gin_file", default="gin/toy/relift.gin")
     p.add_argument("--collect_only", action="store_true")
     args, extra = p.parse_known_args(argv)
-    extra = tuple(e[len("--gin."):] for e in extra if e.startswith("--gin."))
-    names = [n for n in args.studies.split(",") if n]
-    unknown = sorted(set(names) - set(STUDIES))
-    if unknown:
-        p.error(f"--studies: unknown {unknown}; known: {', '.join(STUDIES)}")
+    extra = tuple(compare.gin_bindings(extra))
+    names = compare.names_from(p, "--studies", args.studies, STUDIES)
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
     for name in names:
