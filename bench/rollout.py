@@ -17,7 +17,8 @@ thread count of `--threads`; the ratio is against the fastest.
 
 Engines: "dense" (the reference: all rows in one batch, cache of prompt bucket + M, run until the
 longest row ends) and "continuous" (relift_jax.engine: prefix sharing, windows over the filled cache,
-finished rows leave the batch; `--slots` rows at once, 0 = all).
+finished rows leave the batch; SLOTS rows at once, 0 = all) and "grouped" (the same with length
+groups: each group of rows of similar length decodes over its own window).
 """
 from __future__ import annotations
 
@@ -152,7 +153,8 @@ def main() -> None:
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--max_new", default="1024,256", help="comma-separated maxima of new tokens")
     p.add_argument("--mean_len", type=float, default=400.0, help="1 / stop probability per token")
-    p.add_argument("--slots", default="0,32", help="continuous engine slot counts (0: all rows)")
+    p.add_argument("--engines", default="dense:0,continuous:0,continuous:32,grouped:0,grouped:32",
+                   help="comma-separated ENGINE:SLOTS (slots 0: all rows; ignored by dense)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", default=f"{os.cpu_count()},1")
     p.add_argument("--skip_hf", action="store_true")
@@ -161,7 +163,7 @@ def main() -> None:
     ARGS.threads = sorted({int(t) for t in ARGS.threads.split(",")}, reverse=True)
     if ARGS.hf_child:
         return hf_child(ARGS.hf_child, ARGS.threads[0], ARGS.group, int(ARGS.max_new))
-    engines = [("dense", 0)] + [("continuous", int(s)) for s in ARGS.slots.split(",")]
+    engines = [(e, int(s)) for e, s in (x.split(":") for x in ARGS.engines.split(","))]
     print(f"jax {jax.__version__}, {os.cpu_count()} CPU cores; {ARGS.size}: {ARGS.prompts} prompts "
           f"x {ARGS.group} samples, prompt {ARGS.prompt_len} tokens, temperature 1, "
           f"repeats {ARGS.repeats}; transformers with torch threads {ARGS.threads}")
@@ -169,7 +171,7 @@ def main() -> None:
     for i, m in enumerate(int(x) for x in ARGS.max_new.split(",")):
         # transformers at the first maximum only (the ratio the target names)
         results.append(bench(ARGS.size, m, engines, with_hf=not ARGS.skip_hf and i == 0))
-    names = [f"{e}" + (f"[{s or 'all'}]" if e == "continuous" else "") for e, s in engines]
+    names = [f"{e}" + (f"[{s or 'all'}]" if e != "dense" else "") for e, s in engines]
     print("\n| max new | mean len (max) | " + " | ".join(f"{n} tok/s" for n in names) +
           " | HF tok/s (best) | best ours / HF | compile s |")
     print("|---" * (len(names) + 5) + "|")

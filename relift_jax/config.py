@@ -77,7 +77,8 @@ class RolloutConfig:
     think_prefix: bool = True
     drop_long_prompts: bool = True     # False: a prompt over max_prompt_len is an error
     # The sampler (relift_jax.engine): "continuous" (prefix sharing, attention over the filled
-    # cache, continuous batching) or "dense" (the reference). decode_slots rows decode at once
+    # cache, continuous batching), "grouped" (the same, rows decoded in groups of similar length,
+    # each over its own window) or "dense" (the reference). decode_slots rows decode at once
     # (0: all N x G rows); finished slots are refilled every segment_len decode steps.
     engine: str = "continuous"
     decode_slots: int = 0
@@ -93,8 +94,8 @@ class RolloutConfig:
                self.questions_per_iteration, "must be > 0")
         _check(self.group_size > 0, n, "group_size", self.group_size, "must be > 0")
         _check(self.max_response_len > 0, n, "max_response_len", self.max_response_len, "must be > 0")
-        _check(self.engine in ("continuous", "dense"), n, "engine", self.engine,
-               "must be 'continuous' or 'dense'")
+        _check(self.engine in ("continuous", "grouped", "dense"), n, "engine", self.engine,
+               "must be 'continuous', 'grouped' or 'dense'")
         _check(self.decode_slots >= 0, n, "decode_slots", self.decode_slots, "must be >= 0")
         _check(self.segment_len > 0, n, "segment_len", self.segment_len, "must be > 0")
         _check(self.decode_tensor >= 0, n, "decode_tensor", self.decode_tensor, "must be >= 0")

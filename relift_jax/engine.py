@@ -14,6 +14,12 @@ stays as the reference. What changes against it:
 - **Continuous batching.** `slots` rows decode at once; between segments finished rows leave and
   pending rows take their slots (prefill + insert); when no rows are pending the batch shrinks to a
   smaller bucket. All N x G rows of a call finish.
+- **Length groups** (`length_groups=True`). The rows' caches live in one store of the largest
+  window; every segment the live rows are grouped by the window they need (power-of-two buckets of
+  their own length + segment_len + 1), and each group is gathered, decoded over its own window and
+  scattered back. A decode step then reads about each row's own filled cache (at most 2x), not the
+  longest row's, and finished rows cost nothing. Costs: one gather and one scatter of a group's
+  cache per segment, and more (smaller) programs; on a mesh rows may change devices between segments.
 - **Randomness per (seed, row, token index).** A row's draws do not depend on its slot, on the batch
   size or on the other rows: outputs are the same for any `slots`.
 
@@ -134,7 +140,7 @@ def _segment(config: ModelConfig, sp, steps: int, params: Params, state, key):
 
 def cache_size() -> int:
     """Compiled programs held (for counting compiles)."""
-    fns = (_prefill_prompts, _rearrange, _insert, _segment)
+    fns = (_prefill_prompts, _rearrange, _insert, _segment, _gather_rows, _scatter_rows)
     return sum(f._cache_size() for f in fns if hasattr(f, "_cache_size"))
 
 
@@ -163,13 +169,18 @@ class _Placer:
 
 
 def run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], sp, *, seed: int,
-        num_samples: int, mesh=None, slots: int = 0, segment_len: int = DEFAULT_SEGMENT_LEN):
+        num_samples: int, mesh=None, slots: int = 0, segment_len: int = DEFAULT_SEGMENT_LEN,
+        length_groups: bool = False):
     """Samples `num_samples` continuations of every prompt; returns per-row tokens, log-probs and
     whether the row stopped on a stop id. Row i continues prompt i // num_samples.
 
     slots: rows decoded at once (0: all rows of the call). segment_len: decode steps between
-    refills (also how far past the longest row the window reaches).
+    refills (also how far past the longest row the window reaches). length_groups: decode the
+    rows in groups of similar length, each over its own window (module docstring).
     """
+    if length_groups:
+        return _run_grouped(config, params, prompts, sp, seed=seed, num_samples=num_samples,
+                            mesh=mesh, slots=slots, segment_len=segment_len)
     n = len(prompts) * num_samples
     multiple = sharding.batch_divisor(mesh)
     max_slots = -(-(slots or n) // multiple) * multiple
@@ -225,6 +236,102 @@ def run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], s
                 stopped[r] = bool(tokens[r]) and tokens[r][-1] in stop_set
                 slot_row[j] = -1
     return tokens, logps, stopped
+
+
+def _run_grouped(config: ModelConfig, params: Params, prompts, sp, *, seed: int,
+                 num_samples: int, mesh, slots: int, segment_len: int):
+    """`run` with length groups: one store of `max_slots` rows x the largest window; each segment,
+    every group of live rows of similar length is gathered, decoded over its window, put back."""
+    n = len(prompts) * num_samples
+    multiple = sharding.batch_divisor(mesh)
+    max_slots = -(-(slots or n) // multiple) * multiple
+    put = _Placer(mesh)
+    key = jax.random.key(seed)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logps: list[list[float]] = [[] for _ in range(n)]
+    stopped = np.zeros(n, bool)
+    stop_set = set(sp.stop_ids)
+    pending = collections.deque(range(n))
+    longest_prompt = max(len(p) for p in prompts)
+    store_window = max(-(-(longest_prompt + sp.max_new_tokens + 1) // 64) * 64,
+                       _bucket(longest_prompt, 16))
+    store = _empty_state(config, max_slots, store_window, put)
+    slot_row = [-1] * max_slots              # host mirror: the row in each slot (-1: free)
+    slot_len = [0] * max_slots               # host mirror: filled cache slots of each row
+    while pending or any(r >= 0 for r in slot_row):
+        free = [j for j, r in enumerate(slot_row) if r < 0]
+        incoming = [pending.popleft() for _ in range(min(len(pending), len(free)))]
+        if incoming:
+            prompt_of = {r: r // num_samples for r in incoming}
+            distinct = sorted(set(prompt_of.values()))
+            dst = free[:len(incoming)]
+            store = _start_rows(config, params, store, prompts, distinct, prompt_of, incoming,
+                                dst, put)
+            for j, r in zip(dst, incoming):
+                slot_row[j], slot_len[j] = r, len(prompts[prompt_of[r]])
+        live = [j for j, r in enumerate(slot_row) if r >= 0]
+        results = []
+        for window, members in _length_groups(live, slot_len, segment_len, store_window,
+                                              min_rows=max(1, max_slots // 8)):
+            batch = _batch_size(len(members), max_slots, multiple)
+            idx = np.full(batch, -1, np.int32)
+            idx[:len(members)] = members
+            idx = put.replicated(idx)
+            group = _gather_rows(window, store, idx)
+            group, toks, lps = _segment(config, sp, segment_len, params, group, key)
+            store = _scatter_rows(store, group, idx)
+            results.append((members, toks, lps, group[5]))
+        for members, toks, lps, done in results:   # fetched after every group is dispatched
+            toks, lps, done = sharding.global_to_host((toks, lps, done))
+            for i, j in enumerate(members):
+                r = slot_row[j]
+                made = [int(t) for t in toks[i] if t >= 0]
+                tokens[r] += made
+                logps[r] += [float(x) for x in lps[i][:len(made)]]
+                slot_len[j] += len(made)
+                if done[i]:
+                    stopped[r] = bool(tokens[r]) and tokens[r][-1] in stop_set
+                    slot_row[j] = -1
+    return tokens, logps, stopped
+
+
+def _length_groups(live: list[int], slot_len: list[int], segment_len: int, cap: int,
+                   min_rows: int) -> list[tuple[int, list[int]]]:
+    """Live slots grouped by the window bucket a segment needs (their length + segment_len + 1);
+    a group of fewer than `min_rows` slots joins the next longer one (fewer, fuller programs)."""
+    by_window: dict[int, list[int]] = collections.defaultdict(list)
+    for j in live:
+        by_window[min(_bucket(slot_len[j] + segment_len + 1, 64), cap)].append(j)
+    groups, carry = [], []
+    windows = sorted(by_window)
+    for k, w in enumerate(windows):
+        carry += by_window[w]
+        if len(carry) >= min_rows or k == len(windows) - 1:
+            groups.append((w, carry))
+            carry = []
+    return groups
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _gather_rows(window: int, store, idx_G):
+    """The group of store rows idx_G (-1: an empty, finished row), cache cut to `window` slots."""
+    cache, logits_SxV, len_S, gen_S, row_S, done_S = store
+    keep = idx_G >= 0
+    src = jnp.maximum(idx_G, 0)
+    cache = _constrain_cache(jax.tree.map(lambda c: c[:, src, :, :window], cache))
+    return (cache, logits_SxV[src], jnp.where(keep, len_S[src], 0),
+            jnp.where(keep, gen_S[src], 0), jnp.where(keep, row_S[src], -1),
+            jnp.where(keep, done_S[src], True))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _scatter_rows(store, group, idx_G):
+    """Writes the group back into its store rows (the first `window` cache slots of each)."""
+    dst = jnp.where(idx_G >= 0, idx_G, 1 << 30)   # out of range: dropped
+    W = group[0]["k"].shape[3]
+    cache = jax.tree.map(lambda c, g: c.at[:, dst, :, :W].set(g, mode="drop"), store[0], group[0])
+    rest = tuple(s.at[dst].set(g, mode="drop") for s, g in zip(store[1:], group[1:]))
+    return (_constrain_cache(cache),) + rest
 
 
 def _batch_size(rows: int, max_slots: int, multiple: int) -> int:

@@ -165,7 +165,7 @@ def _cache_size() -> int:
     return _prefill._cache_size() + _decode._cache_size()
 
 
-ENGINES = ("continuous", "dense")
+ENGINES = ("continuous", "grouped", "dense")
 
 
 def sample(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
@@ -180,8 +180,9 @@ def sample(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]]
       seed: RNG seed; the same seed, prompts and params give the same samples.
       mesh: when given, rows are padded to a multiple of the mesh's batch axes.
       engine: "continuous" (`relift_jax.engine`: prefix sharing, a window over the filled cache,
-        continuous batching; draws keyed by (seed, row, token index), so independent of `slots`)
-        or "dense" (one batch of all rows left-padded into one cache of prompt bucket + max new
+        continuous batching; draws keyed by (seed, row, token index), so independent of `slots`),
+        "grouped" (the same engine with length groups: each group of rows of similar length
+        decodes over its own window; the same tokens) or "dense" (one batch of all rows left-padded into one cache of prompt bucket + max new
         tokens, decoded until the longest row ends: the reference).
       slots: continuous engine: rows decoded at once (0: all rows of the call).
       segment_len: continuous engine: decode steps between refills of finished slots.
@@ -190,12 +191,13 @@ def sample(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]]
         raise ValueError("every prompt needs at least one token")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "continuous":
+    if engine in ("continuous", "grouped"):
         from relift_jax import engine as engine_lib
         before = _cache_size() + engine_lib.cache_size()
         toks, logps, stopped = engine_lib.run(config, params, prompts, sp, seed=seed,
                                               num_samples=num_samples, mesh=mesh, slots=slots,
-                                              segment_len=segment_len)
+                                              segment_len=segment_len,
+                                              length_groups=engine == "grouped")
         return SampleOutput(tokens=toks, logprobs=logps,
                             lengths=np.asarray([len(t) for t in toks], np.int32),
                             stopped=stopped,

@@ -36,15 +36,18 @@ def _run(cfg, params, prompts, stops, **kw):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_outputs_do_not_depend_on_slots_or_segments(tiny_checkpoints, temperature):
-    """Greedy and sampled rows are the same for any slot count and segment length: each row's
-    draws are keyed by (seed, row, token index), and its cache never moves within its slot."""
+    """Greedy and sampled rows are the same for any slot count and segment length, with or without
+    length groups: each row's draws are keyed by (seed, row, token index), and its cache never
+    moves within its slot."""
     cfg, params, prompts, stops = _setup(tiny_checkpoints)
     ref = _run(cfg, params, prompts, stops, temperature=temperature)
     assert len(set(ref.lengths.tolist())) > 3, "lengths should spread (else refills go untested)"
-    for slots, seg in ((4, 8), (7, 5), (18, 64)):
+    for engine_name, slots, seg in (("continuous", 4, 8), ("continuous", 7, 5),
+                                    ("continuous", 18, 64), ("grouped", 0, 32),
+                                    ("grouped", 5, 4), ("grouped", 7, 8)):
         out = _run(cfg, params, prompts, stops, temperature=temperature, slots=slots,
-                   segment_len=seg)
-        assert out.tokens == ref.tokens, (slots, seg)
+                   segment_len=seg, engine=engine_name)
+        assert out.tokens == ref.tokens, (engine_name, slots, seg)
         np.testing.assert_array_equal(out.stopped, ref.stopped)
         for a, b in zip(out.logprobs, ref.logprobs):
             # The same row at another batch size: float32 rounding of the same decode only.
@@ -54,17 +57,20 @@ def test_outputs_do_not_depend_on_slots_or_segments(tiny_checkpoints, temperatur
 def test_greedy_equals_the_dense_sampler(tiny_checkpoints):
     cfg, params, prompts, stops = _setup(tiny_checkpoints)
     dense = _run(cfg, params, prompts, stops, temperature=0.0, engine="dense")
-    for slots in (0, 5):
-        ours = _run(cfg, params, prompts, stops, temperature=0.0, slots=slots, segment_len=8)
+    for engine_name, slots in (("continuous", 0), ("continuous", 5), ("grouped", 5)):
+        ours = _run(cfg, params, prompts, stops, temperature=0.0, slots=slots, segment_len=8,
+                    engine=engine_name)
         assert ours.tokens == dense.tokens
         np.testing.assert_array_equal(ours.stopped, dense.stopped)
         np.testing.assert_array_equal(ours.lengths, dense.lengths)
 
 
-def test_sampled_logprobs_equal_forward(tiny_checkpoints):
+@pytest.mark.parametrize("engine_name", ["continuous", "grouped"])
+def test_sampled_logprobs_equal_forward(tiny_checkpoints, engine_name):
     """Every sampled token's log-prob equals a full forward pass over prompt + response."""
     cfg, params, prompts, stops = _setup(tiny_checkpoints)
-    out = _run(cfg, params, prompts, stops, temperature=1.0, slots=5, segment_len=8)
+    out = _run(cfg, params, prompts, stops, temperature=1.0, slots=5, segment_len=8,
+               engine=engine_name)
     rows = [i for i in range(len(out.tokens)) if out.tokens[i]]
     T = 128
     seqs = np.zeros((len(rows), T), np.int32)
@@ -126,3 +132,31 @@ def test_is_weights_scale_each_tokens_policy_loss():
                                  agg="token-mean", is_weights=w)
     want = (w * -adv[:, None] * np.exp(lp - old) * mask).sum() / mask.sum()
     np.testing.assert_allclose(float(loss), want, rtol=64 * EPS32)
+
+
+def test_length_groups_decode_each_group_over_its_own_window(tiny_checkpoints, monkeypatch):
+    """With length groups, a segment's rows are grouped by the window they need: every group's
+    window covers its rows (length + segment + 1) and is under twice the longest of them (or the
+    64-slot minimum), finished rows are never decoded, and segments hold several windows at once."""
+    cfg, params, prompts, stops = _setup(tiny_checkpoints)
+    calls = []
+    real_segment = engine._segment
+
+    def segment(config, sp, steps, params_, state, key):
+        lens, done = np.asarray(state[2]), np.asarray(state[5])
+        calls.append((state[0]["k"].shape[3], lens[~done], steps))
+        return real_segment(config, sp, steps, params_, state, key)
+    monkeypatch.setattr(engine, "_segment", segment)
+    kw = dict(temperature=1.0, segment_len=4, max_new_tokens=160, eos_id=stops[:2])
+    ref = _run(cfg, params, prompts, stops, **kw)
+    calls.clear()
+    out = _run(cfg, params, prompts, stops, engine="grouped", **kw)
+    assert out.tokens == ref.tokens
+    cap = max(LENGTHS) + 160 + 1
+    windows = set()
+    for window, live_lens, steps in calls:
+        assert len(live_lens) > 0, "a group of finished rows only was decoded"
+        need = live_lens.max() + steps + 1
+        assert min(need, cap) <= window <= max(64, 2 * need), (window, need)
+        windows.add(window)
+    assert len(windows) >= 2 and max(len(t) for t in ref.tokens) > 64, windows
