@@ -66,9 +66,19 @@ class MeshConfig:
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None):
+    """The (data, fsdp, tensor) mesh over `devices` (default: all), laid out along the physical
+    torus by jax.make_mesh. Where a mesh axis would have to split a physical axis (on v6e-64's 8x8,
+    an axis of 2 or 4), jax.make_mesh refuses; the mesh is then built with the physical axes split
+    (neighbours along a mesh axis stay neighbours on the torus, the axes just share links)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = config.shape(len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    types = (AxisType.Auto,) * 3
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    except NotImplementedError:
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def logical_to_spec(axes: Sequence[str | None]) -> P:

@@ -50,6 +50,18 @@ def test_libtpu_accepts_the_topologies(name):
     assert len(devices) == t.num_chips
 
 
+@needs_libtpu
+@pytest.mark.parametrize("data,fsdp,tensor", [(-1, 1, 4), (1, 32, 2), (-1, 1, 2), (-1, 1, 8)])
+def test_meshes_that_split_a_physical_axis_build(data, fsdp, tensor):
+    """v6e-64 is an 8x8 torus: an axis of 2 or 4 splits a physical axis, which jax.make_mesh
+    refuses; sharding.make_mesh builds it anyway (every chip once), e.g. a 4-way sampler layout."""
+    from relift_jax import sharding
+    devices = aot.topology_devices(aot.parse_topology("v6e-64"))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=data, fsdp=fsdp, tensor=tensor), devices)
+    assert mesh.shape["tensor"] == tensor and mesh.devices.size == 64
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+
+
 # ----------------------------------------------------------------------------- loop-aware counts
 
 def _tpu_mesh(n: int = 4):
