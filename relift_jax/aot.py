@@ -754,7 +754,10 @@ def _engine(c: Configs, cfg, train_params, train_mesh, a: Assumptions,
             shape = (cfg.num_layers, B, cfg.num_kv_heads, W, cfg.head_dim)
             kv = jax.ShapeDtypeStruct(shape, cfg.dtype, sharding=sharding.named_sharding(
                 mesh, engine.CACHE_AXES, shape))
-            state = ({"k": kv, "v": kv}, rows((B, cfg.vocab_size), np.float32),
+            logits = jax.ShapeDtypeStruct((B, cfg.vocab_size), np.float32,
+                                          sharding=sharding.named_sharding(
+                                              mesh, engine.LOGITS_AXES, (B, cfg.vocab_size)))
+            state = ({"k": kv, "v": kv}, logits,
                      rows((B,), np.int32), rows((B,), np.int32), rows((B,), np.int32),
                      rows((B,), np.bool_))
             p, (_, compiled) = _compile(

@@ -42,11 +42,18 @@ from relift_jax import sharding
 from relift_jax.model import ModelConfig, Params, hidden_states, init_cache, logits_from_hidden
 
 CACHE_AXES = ("cache_layers", "batch", "cache_kv_heads", "cache_slots", None)
+# The state's next-token logits keep the LM head's layout (vocabulary split over `tensor` in a
+# decode layout), in every program, so a segment's state comes out as it went in (donated in place).
+LOGITS_AXES = ("batch", "act_vocab")
 DEFAULT_SEGMENT_LEN = 32
 
 
 def _constrain_cache(cache):
     return jax.tree.map(lambda c: sharding.constrain(c, CACHE_AXES), cache)
+
+
+def _constrain_logits(logits_BxV):
+    return sharding.constrain(logits_BxV, LOGITS_AXES)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -59,7 +66,7 @@ def _prefill_prompts(config: ModelConfig, params: Params, tokens_UxP, len_U):
     h, cache = hidden_states(config, params, tokens_UxP, slots_UxP, kv_valid_UxP, cache=cache,
                              cache_start=0)
     last_UxD = jnp.take_along_axis(h, jnp.maximum(len_U - 1, 0)[:, None, None], axis=1)
-    return cache, logits_from_hidden(config, params, last_UxD)[:, 0]
+    return cache, _constrain_logits(logits_from_hidden(config, params, last_UxD)[:, 0])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -77,7 +84,8 @@ def _rearrange(batch: int, window: int, state, src_B):
             return c[:, :, :, :window]
         return jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, window - S), (0, 0)))
     cache = _constrain_cache(jax.tree.map(resize, cache))
-    return (cache, logits_BxV[src], jnp.where(keep, len_B[src], 0), jnp.where(keep, gen_B[src], 0),
+    return (cache, _constrain_logits(logits_BxV[src]), jnp.where(keep, len_B[src], 0),
+            jnp.where(keep, gen_B[src], 0),
             jnp.where(keep, row_B[src], -1), jnp.where(keep, done_B[src], True))
 
 
@@ -90,7 +98,8 @@ def _insert(state, prompt_cache, prompt_logits_UxV, prompt_len_U, dst_R, src_R, 
     def put(c, p):
         return c.at[:, dst_R, :, :Pb].set(p[:, src_R].astype(c.dtype), mode="drop")
     cache = _constrain_cache(jax.tree.map(put, cache, prompt_cache))
-    return (cache, logits_BxV.at[dst_R].set(prompt_logits_UxV[src_R], mode="drop"),
+    return (cache, _constrain_logits(logits_BxV.at[dst_R].set(prompt_logits_UxV[src_R],
+                                                              mode="drop")),
             len_B.at[dst_R].set(prompt_len_U[src_R], mode="drop"),
             gen_B.at[dst_R].set(0, mode="drop"), row_B.at[dst_R].set(row_R, mode="drop"),
             done_B.at[dst_R].set(False, mode="drop"))
@@ -128,7 +137,7 @@ def _segment(config: ModelConfig, sp, steps: int, params: Params, state, key):
         slot_B = jnp.minimum(len_B, W - 1)  # finished rows rewrite a slot nobody reads
         h, cache = hidden_states(config, params, tok_B[:, None], slot_B[:, None], all_slots_BxW,
                                  cache=cache, cache_start=slot_B)
-        logits_BxV = logits_from_hidden(config, params, h)[:, 0]
+        logits_BxV = _constrain_logits(logits_from_hidden(config, params, h)[:, 0])
         len_B = len_B + live_B
         return t + 1, (cache, logits_BxV, len_B, gen_B, row_B, done_B), toks_Bxn, logps_Bxn
 
@@ -319,7 +328,7 @@ def _gather_rows(window: int, store, idx_G):
     keep = idx_G >= 0
     src = jnp.maximum(idx_G, 0)
     cache = _constrain_cache(jax.tree.map(lambda c: c[:, src, :, :window], cache))
-    return (cache, logits_SxV[src], jnp.where(keep, len_S[src], 0),
+    return (cache, _constrain_logits(logits_SxV[src]), jnp.where(keep, len_S[src], 0),
             jnp.where(keep, gen_S[src], 0), jnp.where(keep, row_S[src], -1),
             jnp.where(keep, done_S[src], True))
 
@@ -330,8 +339,8 @@ def _scatter_rows(store, group, idx_G):
     dst = jnp.where(idx_G >= 0, idx_G, 1 << 30)   # out of range: dropped
     W = group[0]["k"].shape[3]
     cache = jax.tree.map(lambda c, g: c.at[:, dst, :, :W].set(g, mode="drop"), store[0], group[0])
-    rest = tuple(s.at[dst].set(g, mode="drop") for s, g in zip(store[1:], group[1:]))
-    return (_constrain_cache(cache),) + rest
+    logits, *rest = (s.at[dst].set(g, mode="drop") for s, g in zip(store[1:], group[1:]))
+    return (_constrain_cache(cache), _constrain_logits(logits), *rest)
 
 
 def _batch_size(rows: int, max_slots: int, multiple: int) -> int:
@@ -342,13 +351,14 @@ def _batch_size(rows: int, max_slots: int, multiple: int) -> int:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _empty_cache(config: ModelConfig, batch: int, window: int):
-    return _constrain_cache(init_cache(config, batch, window))
+    """An empty cache and logits state, in the engine's layouts."""
+    return (_constrain_cache(init_cache(config, batch, window)),
+            _constrain_logits(jnp.zeros((batch, config.vocab_size), jnp.float32)))
 
 
 def _empty_state(config: ModelConfig, batch: int, window: int, put: _Placer):
-    cache = _empty_cache(config, batch, window)  # compiled once per shape, not once per call
-    vocab = config.vocab_size
-    return (cache, put.batch(np.zeros((batch, vocab), np.float32)),
+    cache, logits = _empty_cache(config, batch, window)  # compiled once per shape, not per call
+    return (cache, logits,
             put.batch(np.zeros(batch, np.int32)), put.batch(np.zeros(batch, np.int32)),
             put.batch(np.full(batch, -1, np.int32)), put.batch(np.ones(batch, bool)))
 

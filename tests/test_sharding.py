@@ -221,15 +221,15 @@ def test_lockstep_check_names_the_process_that_differs(monkeypatch):
 
 
 @needs_8
-@pytest.mark.parametrize("tensor", [4])
-def test_decode_layout_samples_like_the_training_layout(tiny_checkpoints, tensor):
+@pytest.mark.parametrize("tensor,engine_name", [(4, "continuous"), (4, "grouped")])
+def test_decode_layout_samples_like_the_training_layout(tiny_checkpoints, tensor, engine_name):
     """rollout.DecodeLayout: the sampler's own mesh (data = 8 / T, tensor = T) over the same devices,
     weights copied there once per call: greedy rows equal the FSDP-layout run and the weights are
     split T ways where the shapes allow (never gathered per token)."""
     from relift_jax import rollout
     cfg, params = tiny_checkpoints.ours("llama3")
     prompts = [_tokens(cfg, (n,), seed=n).tolist() for n in (3, 11, 17, 6, 9)]
-    kw = dict(max_new_tokens=16, eos_id=-1, num_samples=2)
+    kw = dict(max_new_tokens=16, eos_id=-1, num_samples=2, engine=engine_name)
     train_mesh = sharding.make_mesh(MESHES["1x8x1"])
     placed = _place(train_mesh, cfg, params)
     with jax.set_mesh(train_mesh):
@@ -251,3 +251,23 @@ def test_decode_layout_samples_like_the_training_layout(tiny_checkpoints, tensor
     # a draw; count the rows that agree token for token.
     same = sum(a == b for a, b in zip(out_s.tokens, ref_s.tokens))
     assert same >= len(ref_s.tokens) - 1, (same, len(ref_s.tokens))
+
+
+@needs_8
+def test_engine_segment_gives_back_its_state_in_the_layout_it_took(tiny_checkpoints):
+    """In a decode layout (vocabulary split over tensor) a segment's state comes out in the
+    shardings it went in with, so the next segment reuses the program and the donated buffers."""
+    from relift_jax import engine, rollout
+    cfg, _ = tiny_checkpoints.ours("llama3")
+    cfg = cfg.replace(vocab_size=128)  # divisible by tensor = 4 (97 is not: it would stay whole)
+    params = model.init_params(cfg, jax.random.key(0))
+    train_mesh = sharding.make_mesh(MESHES["1x8x1"])
+    layout = rollout.DecodeLayout(cfg, train_mesh, 4)
+    sp = sampler.SamplingParams(max_new_tokens=8, temperature=1.0, stop_ids=(1,))
+    with jax.set_mesh(layout.mesh):
+        p = layout(_place(train_mesh, cfg, params))
+        state = engine._empty_state(cfg, 8, 64, engine._Placer(layout.mesh))
+        compiled = engine._segment.lower(cfg, sp, 4, p, state, jax.random.key(0)).compile()
+    assert "tensor" in str(state[1].sharding.spec), state[1].sharding  # vocabulary split
+    for x, o in zip(jax.tree.leaves(state), jax.tree.leaves(compiled.output_shardings[0])):
+        assert x.sharding.is_equivalent_to(o, x.ndim), (x.shape, x.sharding, o)
