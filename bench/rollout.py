@@ -144,6 +144,47 @@ def bench(size: str, max_new: int, engines: list[tuple[str, int]], with_hf: bool
     return res
 
 
+def work_profile(size: str, max_new: int, engines: list[tuple[str, int]]) -> None:
+    """Where the decode work goes, counted (not timed): each engine's decode row-steps per real
+    token (rows carried while finished or padding) and the K/V cache slots its decode steps read
+    per slot a ragged kernel would read (each token attends over its own filled prefix only)."""
+    from relift_jax import engine as engine_lib
+    cfg, params, prompts, stops = workload(size, ARGS)
+    P = len(prompts[0])
+    print(f"\nwork profile, max new {max_new}: row-steps / real token; K/V slots read / "
+          "slots a ragged kernel reads; segment programs run")
+    for name, slots in engines:
+        calls = []
+        real_segment = engine_lib._segment
+
+        def segment(config, sp, steps, params_, state, key, _calls=calls):
+            out = real_segment(config, sp, steps, params_, state, key)
+            toks = np.asarray(out[1])
+            ran = int((toks >= 0).any(axis=0).sum())
+            _calls.append((toks.shape[0], state[0]["k"].shape[3], ran))
+            return out
+        engine_lib._segment = segment
+        try:
+            tokens, lengths = run_ours(cfg, params, prompts, stops, max_new, 1, name, slots)
+        finally:
+            engine_lib._segment = real_segment
+        ideal = sum(n * P + n * (n + 1) // 2 for n in lengths.tolist())
+        if name == "dense":
+            B, S, steps = sampler._batch_bucket(len(lengths), 1), sampler.bucket(P) + max_new, \
+                int(lengths.max())
+            row_steps, reads = B * steps, B * S * steps
+        else:
+            row_steps = sum(b * ran for b, _, ran in calls)
+            reads = sum(b * w * ran for b, w, ran in calls)
+        print(f"  {name}[{slots or 'all'}]: {row_steps / tokens:.2f} row-steps per token, "
+              f"{reads / ideal:.2f}x the ragged K/V reads, {len(calls)} segment calls")
+    n = ARGS.prompts * ARGS.group
+    steps = int(lengths.max())
+    hf_reads = sum(n * (P + t + 1) for t in range(steps))
+    print(f"  transformers generate (from the same lengths): {n * steps / tokens:.2f} row-steps "
+          f"per token, {hf_reads / ideal:.2f}x the ragged K/V reads")
+
+
 def main() -> None:
     global ARGS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -158,6 +199,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", default=f"{os.cpu_count()},1")
     p.add_argument("--skip_hf", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="count where the decode work goes (one untimed call per engine) instead")
     p.add_argument("--hf_child", default=None, help=argparse.SUPPRESS)
     ARGS = p.parse_args()
     ARGS.threads = sorted({int(t) for t in ARGS.threads.split(",")}, reverse=True)
@@ -167,6 +210,10 @@ def main() -> None:
     print(f"jax {jax.__version__}, {os.cpu_count()} CPU cores; {ARGS.size}: {ARGS.prompts} prompts "
           f"x {ARGS.group} samples, prompt {ARGS.prompt_len} tokens, temperature 1, "
           f"repeats {ARGS.repeats}; transformers with torch threads {ARGS.threads}")
+    if ARGS.profile:
+        for m in (int(x) for x in ARGS.max_new.split(",")):
+            work_profile(ARGS.size, m, engines)
+        return
     results = []
     for i, m in enumerate(int(x) for x in ARGS.max_new.split(",")):
         # transformers at the first maximum only (the ratio the target names)

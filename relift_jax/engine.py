@@ -15,9 +15,10 @@ stays as the reference. What changes against it:
   pending rows take their slots (prefill + insert); when no rows are pending the batch shrinks to a
   smaller bucket. All N x G rows of a call finish.
 - **Length groups** (`length_groups=True`). The rows' caches live in one store of the largest
-  window; every segment the live rows are grouped by the window they need (power-of-two buckets of
-  their own length + segment_len + 1), and each group is gathered, decoded over its own window and
-  scattered back. A decode step then reads about each row's own filled cache (at most 2x), not the
+  window; every segment the live rows are grouped by the window they need (buckets 2^k and 1.5 x 2^k
+  of their own length + segment_len + 1), and each group is gathered,
+  decoded over its own window and scattered back. A decode step then reads about each row's own
+  filled cache (at most 1.5x), not the
   longest row's, and finished rows cost nothing. Costs: one gather and one scatter of a group's
   cache per segment, and more (smaller) programs; on a mesh rows may change devices between segments.
 - **Randomness per (seed, row, token index).** A row's draws do not depend on its slot, on the batch
@@ -282,7 +283,7 @@ def _run_grouped(config: ModelConfig, params: Params, prompts, sp, *, seed: int,
         results = []
         for window, members in _length_groups(live, slot_len, segment_len, store_window,
                                               min_rows=max(1, max_slots // 8)):
-            batch = _batch_size(len(members), max_slots, multiple)
+            batch = min(max_slots, -(-_fine_bucket(len(members), 1) // multiple) * multiple)
             idx = np.full(batch, -1, np.int32)
             idx[:len(members)] = members
             idx = put.replicated(idx)
@@ -310,7 +311,7 @@ def _length_groups(live: list[int], slot_len: list[int], segment_len: int, cap: 
     a group of fewer than `min_rows` slots joins the next longer one (fewer, fuller programs)."""
     by_window: dict[int, list[int]] = collections.defaultdict(list)
     for j in live:
-        by_window[min(_bucket(slot_len[j] + segment_len + 1, 64), cap)].append(j)
+        by_window[min(_window_bucket(slot_len[j] + segment_len + 1), cap)].append(j)
     groups, carry = [], []
     windows = sorted(by_window)
     for k, w in enumerate(windows):
@@ -319,6 +320,17 @@ def _length_groups(live: list[int], slot_len: list[int], segment_len: int, cap: 
             groups.append((w, carry))
             carry = []
     return groups
+
+
+def _fine_bucket(n: int, minimum: int) -> int:
+    """The smallest 2^k or 1.5 x 2^k (at least `minimum`) that holds n: at most 1.5x n."""
+    w = _bucket(n, minimum)
+    return w * 3 // 4 if w * 3 // 4 >= max(n, minimum) and w % 4 == 0 else w
+
+
+def _window_bucket(n: int) -> int:
+    """A group's window: 64, 96, 128, 192, 256, 384, ... slots, at most 1.5x its longest need."""
+    return _fine_bucket(n, 64)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
