@@ -369,6 +369,10 @@ class RunConfig:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
 
     def __post_init__(self):
+        _check(self.sft.hardest_visits == 1 or self.train.mode == "relift", "SFTConfig",
+               "hardest_visits", self.sft.hardest_visits,
+               f"an adaptive threshold is only for TrainConfig.mode 'relift', got "
+               f"{self.train.mode!r} (no other mode buffers the hardest questions)")
         if self.sft.demo_source != "teacher":
             return
         _check(self.train.mode == "relift", "SFTConfig", "demo_source", self.sft.demo_source,

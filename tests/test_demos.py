@@ -288,6 +288,8 @@ def _run_config(**kw) -> RunConfig:
      ("SFTConfig.demo_source = 'teacher'", "TrainConfig.mode 'relift'", "'sft'")),
     (lambda: _run_config(sft=SFTConfig(demo_source="teacher")),
      ("SFTConfig.demo_source = 'teacher'", "TeacherConfig.path")),
+    (lambda: _run_config(sft=SFTConfig(hardest_visits=2), train=TrainConfig(mode="rl")),
+     ("SFTConfig.hardest_visits = 2", "TrainConfig.mode 'relift'", "'rl'")),
 ])
 def test_config_errors_name_the_binding(make, names):
     with pytest.raises(ConfigError) as e:
