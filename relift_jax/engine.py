@@ -196,16 +196,12 @@ def run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], s
     max_slots = -(-(slots or n) // multiple) * multiple
     put = _Placer(mesh)
     key = jax.random.key(seed)
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logps: list[list[float]] = [[] for _ in range(n)]
-    stopped = np.zeros(n, bool)
-    stop_set = set(sp.stop_ids)
+    out = _Rows(n, sp.stop_ids)
     pending = collections.deque(range(n))
     slot_row: list[int] = []                # host mirror: the row in each slot (-1: free)
     slot_len: list[int] = []                # host mirror: filled cache slots of each row
     state, window, batch = None, 0, max_slots
-    # No row outgrows its prompt + max new tokens (+1: the slot a finished row rewrites).
-    window_cap = -(-(max(len(p) for p in prompts) + sp.max_new_tokens + 1) // 64) * 64
+    window_cap = _window_cap(prompts, sp)
     while True:
         live = [j for j, r in enumerate(slot_row) if r >= 0]
         take = min(len(pending), max_slots - len(live))
@@ -236,16 +232,34 @@ def run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], s
         state, toks, lps = _segment(config, sp, segment_len, params, state, key)
         toks, lps, done = sharding.global_to_host((toks, lps, state[5]))
         for j, r in enumerate(slot_row):
-            if r < 0:
-                continue
-            made = [int(t) for t in toks[j] if t >= 0]
-            tokens[r] += made
-            logps[r] += [float(x) for x in lps[j][:len(made)]]
-            slot_len[j] += len(made)
-            if done[j]:
-                stopped[r] = bool(tokens[r]) and tokens[r][-1] in stop_set
-                slot_row[j] = -1
-    return tokens, logps, stopped
+            if r >= 0:
+                slot_len[j] += out.add(r, toks[j], lps[j], done[j])
+                slot_row[j] = -1 if done[j] else r
+    return out.tokens, out.logps, out.stopped
+
+
+class _Rows:
+    """The call's result, row by row: tokens, log-probs and whether the row ended on a stop id."""
+
+    def __init__(self, n: int, stop_ids: Sequence[int]):
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.logps: list[list[float]] = [[] for _ in range(n)]
+        self.stopped = np.zeros(n, bool)
+        self.stop_set = set(stop_ids)
+
+    def add(self, row: int, toks, lps, done: bool) -> int:
+        """Appends one segment's tokens of `row` (-1: none made); returns how many it made."""
+        made = [int(t) for t in toks if t >= 0]
+        self.tokens[row] += made
+        self.logps[row] += [float(x) for x in lps[:len(made)]]
+        if done:
+            self.stopped[row] = bool(self.tokens[row]) and self.tokens[row][-1] in self.stop_set
+        return len(made)
+
+
+def _window_cap(prompts, sp) -> int:
+    """No row outgrows its prompt + max new tokens (+1: the slot a finished row rewrites)."""
+    return -(-(max(len(p) for p in prompts) + sp.max_new_tokens + 1) // 64) * 64
 
 
 def _run_grouped(config: ModelConfig, params: Params, prompts, sp, *, seed: int,
@@ -257,14 +271,9 @@ def _run_grouped(config: ModelConfig, params: Params, prompts, sp, *, seed: int,
     max_slots = -(-(slots or n) // multiple) * multiple
     put = _Placer(mesh)
     key = jax.random.key(seed)
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logps: list[list[float]] = [[] for _ in range(n)]
-    stopped = np.zeros(n, bool)
-    stop_set = set(sp.stop_ids)
+    out = _Rows(n, sp.stop_ids)
     pending = collections.deque(range(n))
-    longest_prompt = max(len(p) for p in prompts)
-    store_window = max(-(-(longest_prompt + sp.max_new_tokens + 1) // 64) * 64,
-                       _bucket(longest_prompt, 16))
+    store_window = max(_window_cap(prompts, sp), _bucket(max(len(p) for p in prompts), 16))
     store = _empty_state(config, max_slots, store_window, put)
     slot_row = [-1] * max_slots              # host mirror: the row in each slot (-1: free)
     slot_len = [0] * max_slots               # host mirror: filled cache slots of each row
@@ -294,15 +303,9 @@ def _run_grouped(config: ModelConfig, params: Params, prompts, sp, *, seed: int,
         for members, toks, lps, done in results:   # fetched after every group is dispatched
             toks, lps, done = sharding.global_to_host((toks, lps, done))
             for i, j in enumerate(members):
-                r = slot_row[j]
-                made = [int(t) for t in toks[i] if t >= 0]
-                tokens[r] += made
-                logps[r] += [float(x) for x in lps[i][:len(made)]]
-                slot_len[j] += len(made)
-                if done[i]:
-                    stopped[r] = bool(tokens[r]) and tokens[r][-1] in stop_set
-                    slot_row[j] = -1
-    return tokens, logps, stopped
+                slot_len[j] += out.add(slot_row[j], toks[i], lps[i], done[i])
+                slot_row[j] = -1 if done[i] else slot_row[j]
+    return out.tokens, out.logps, out.stopped
 
 
 def _length_groups(live: list[int], slot_len: list[int], segment_len: int, cap: int,
