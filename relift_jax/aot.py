@@ -620,6 +620,7 @@ class SegmentShape:
     outside: StepCost          # the rest of one call (before and after the loop), per device
     loop_collectives: list = dataclasses.field(default_factory=list)  # per decode step
     weight_gathers: list = dataclasses.field(default_factory=list)    # those that gather weights
+    kernels: float = 0.0       # Pallas TPU kernel calls per decode step (the ragged attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -657,6 +658,16 @@ class EngineInfo:
     cache_slot_bytes: float    # a device's cache bytes per (row, slot) of the global cache
     shapes: EngineShapes
     schedule: tuple            # the Segments of the assumed lengths (Assumptions.length_dist)
+    ragged_block: int = 0      # the ragged decode kernel's key block (0: dense decode attention)
+    layers: int = 0            # the model's layers
+
+
+def _ragged_block(c: Configs) -> int:
+    """The ragged decode kernel's key block (ModelConfig's default), 0 with dense decoding."""
+    from relift_jax.model import ModelConfig
+    if c.rollout.decode_attention != "ragged":
+        return 0
+    return ModelConfig.__dataclass_fields__["decode_attention_block"].default
 
 
 def engine_shapes(c: Configs, a: Assumptions, multiple: int) -> EngineShapes:
@@ -665,7 +676,8 @@ def engine_shapes(c: Configs, a: Assumptions, multiple: int) -> EngineShapes:
     n = ro.questions_per_iteration * ro.group_size
     max_slots = -(-(ro.decode_slots or n) // multiple) * multiple
     seg = ro.segment_len
-    cap = -(-(a.prompt_len + ro.max_response_len + 1) // 64) * 64  # engine.run's window cap
+    m = _ragged_block(c) or 64
+    cap = -(-(a.prompt_len + ro.max_response_len + 1) // m) * m  # engine.run's window cap
     floor = engine._bucket(a.prompt_len, 16)
     hi = max(min(engine._bucket(a.prompt_len + ro.max_response_len + seg + 1, 64), cap), floor)
     lo = max(min(engine._bucket(a.prompt_len + a.mean_response_len + seg + 1, 64), cap), floor)
@@ -688,7 +700,7 @@ def iteration_schedule(c: Configs, a: Assumptions, multiple: int, dist: str | No
     lens = response_lengths(n, a.mean_response_len, ro.max_response_len, dist or a.length_dist)
     return engine_schedule([a.prompt_len] * ro.questions_per_iteration, lens, ro.group_size,
                            slots=ro.decode_slots, multiple=multiple, segment_len=ro.segment_len,
-                           max_new_tokens=ro.max_response_len)
+                           max_new_tokens=ro.max_response_len, ragged_block=_ragged_block(c))
 
 
 def _engine(c: Configs, cfg, train_params, train_mesh, a: Assumptions,
@@ -701,8 +713,8 @@ def _engine(c: Configs, cfg, train_params, train_mesh, a: Assumptions,
     from relift_jax import engine, model, sampler, sharding
     from relift_jax.rollout import DecodeLayout
     ro = c.rollout
-    layout = DecodeLayout(cfg, train_mesh, ro.decode_tensor)
-    mesh = layout.mesh
+    layout = DecodeLayout(cfg, train_mesh, ro.decode_tensor, ro.decode_attention)
+    cfg, mesh = layout.cfg, layout.mesh
     if layout.shardings is not None:
         params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, cfg.dtype, sharding=sh),
                               model.param_shapes(cfg), layout.shardings)
@@ -719,10 +731,13 @@ def _engine(c: Configs, cfg, train_params, train_mesh, a: Assumptions,
         dtype=str(np.dtype(jax.tree.leaves(params)[0].dtype)),
         weight_bytes=float(sum(np.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
                                for x in jax.tree.leaves(params))),
-        weight_read_bytes=cfg.num_params() * np.dtype(cfg.dtype).itemsize
-        / dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1),
+        # A step reads every weight but the input embedding (gathered: one row per token) unless
+        # the LM head is that same table.
+        weight_read_bytes=(cfg.num_params() - (0 if cfg.tie_word_embeddings else
+                                               cfg.vocab_size * cfg.hidden_size))
+        * np.dtype(cfg.dtype).itemsize / dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1),
         cache_slot_bytes=2 * float(np.prod(kv_shard)) * np.dtype(cfg.dtype).itemsize / (B * W),
-        shapes=g, schedule=tuple(schedule))
+        shapes=g, schedule=tuple(schedule), ragged_block=_ragged_block(c), layers=cfg.num_layers)
 
     def rows(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype,
@@ -803,8 +818,11 @@ def _segment_shape(cost: hlo_cost.Cost, text: str, B: int, W: int, steps: int,
     full = _step_cost(cost)
     if cost.unknown_loop is None:  # no data-dependent loop found: all of it as the steps' cost
         return SegmentShape(B, W, steps, full * (1.0 / steps), StepCost())
-    one = _step_cost(hlo_cost.analyse(text, unknown_trips=1))
+    once = hlo_cost.analyse(text, unknown_trips=1)
+    one = _step_cost(once)
     per_step = (full - one) * (1.0 / (steps - 1)) if steps > 1 else one
+    kernels = (cost.kernel_calls - once.kernel_calls) / (steps - 1) if steps > 1 else \
+        once.kernel_calls
     cols = cost.collectives_in(cost.unknown_loop, per_trip=True)
     gathers = []
     for col in cols:
@@ -813,7 +831,7 @@ def _segment_shape(cost: hlo_cost.Cost, text: str, B: int, W: int, steps: int,
         if col.op == "all-gather" and col.count and col.shape.startswith(("bf16", "f32", "f16")) \
                 and n in weights:
             gathers.append(col)
-    return SegmentShape(B, W, steps, per_step, one - per_step, cols, gathers)
+    return SegmentShape(B, W, steps, per_step, one - per_step, cols, gathers, kernels)
 
 
 # ----------------------------------------------------------------------------- engine schedule
@@ -829,21 +847,27 @@ class Segment:
     incoming: int     # rows started before it (prefill + insert)
     distinct: int     # distinct prompts prefilled for them
     rearranged: bool  # the state was compacted / resized before it
+    # With the ragged decode kernel (ragged_block > 0): the key slots it reads per decode step,
+    # summed over the batch's rows and averaged over the steps (each row's filled slots rounded
+    # up to the block; a finished or empty row still reads its blocks, at least one). 0: dense.
+    read_slots: float = 0.0
 
 
 def engine_schedule(prompt_lens: Sequence[int], response_lens: Sequence[int], num_samples: int,
                     *, slots: int = 0, multiple: int = 1, segment_len: int = 32,
-                    max_new_tokens: int | None = None) -> list[Segment]:
+                    max_new_tokens: int | None = None, ragged_block: int = 0) -> list[Segment]:
     """The segments engine.run makes for rows of these lengths (row i continues prompt
     i // num_samples and makes response_lens[i] tokens, its stop token included), by the same
     refill, window and batch rules (engine._bucket, engine._batch_size; the window capped at the
-    longest prompt + max_new_tokens + 1, rounded up to 64; default max_new_tokens: the longest
+    longest prompt + max_new_tokens + 1, rounded up to 64, or to ragged_block with the ragged
+    decode kernel, whose reads each Segment then counts; default max_new_tokens: the longest
     response)."""
-    from relift_jax import engine
+    from relift_jax import attention, engine
     n = len(response_lens)
     max_slots = -(-(slots or n) // multiple) * multiple
     max_new = max_new_tokens if max_new_tokens is not None else max(response_lens)
-    window_cap = -(-(max(prompt_lens) + max_new + 1) // 64) * 64
+    m = ragged_block or 64
+    window_cap = -(-(max(prompt_lens) + max_new + 1) // m) * m
     pending = list(range(n))[::-1]
     slot_row: list[int] = []
     slot_len: list[int] = []
@@ -871,6 +895,16 @@ def engine_schedule(prompt_lens: Sequence[int], response_lens: Sequence[int], nu
             slot_row[j], slot_len[j] = r, prompt_lens[r // num_samples]
             slot_left[j] = max(1, response_lens[r])
         steps = min(segment_len, max(slot_left[j] for j, r in enumerate(slot_row) if r >= 0))
+        read = 0.0
+        if ragged_block:  # row j reads its slots 0..len (len grows while it is live) in blocks
+            blk = attention._decode_block(window, ragged_block)
+            len0 = np.array(slot_len, np.int64)
+            grow = np.array([min(steps, slot_left[j]) if r >= 0 else 0
+                             for j, r in enumerate(slot_row)], np.int64)
+            for t in range(steps):
+                filled = np.minimum(len0 + np.minimum(t, grow), window - 1) + 1
+                read += float((-(-filled // blk) * blk).sum())
+            read /= steps
         for j, r in enumerate(slot_row):
             if r >= 0:
                 made = min(steps, slot_left[j])
@@ -879,7 +913,7 @@ def engine_schedule(prompt_lens: Sequence[int], response_lens: Sequence[int], nu
                 if not slot_left[j]:
                     slot_row[j] = -1
         out.append(Segment(batch, window, len(live) + len(incoming), steps, len(incoming),
-                           len(distinct), moved))
+                           len(distinct), moved, read))
 
 
 LENGTH_DISTS = ("exponential", "cliff")
@@ -983,7 +1017,7 @@ def estimate_sampling(segments: Sequence[Segment], model: SegmentCostModel, chip
                       cache_slot_bytes: float, prefill: StepCost | None = None,
                       prefill_distinct: int = 1, prompt_bucket: int = 0,
                       weight_bytes: float = 0.0, multiple: int = 1,
-                      layout_copy: bool = False) -> SamplingEstimate:
+                      layout_copy: bool = False, ragged: bool = False) -> SamplingEstimate:
     """Roofline seconds of each segment call: max over (compute, HBM, ICI) of its trips x the
     per-step cost + the call's other work at its (B, W). Before it, when the engine does them:
     a rearrange (reads and writes the new cache: 2 x B x W x cache_slot_bytes); for incoming rows
@@ -992,14 +1026,20 @@ def estimate_sampling(segments: Sequence[Segment], model: SegmentCostModel, chip
     (2 x rows x prompt_bucket x cache_slot_bytes). cache_slot_bytes: a device's bytes of the cache
     per (row, slot) of the global cache (K and V of every layer, over the devices sharing it).
     layout_copy: the weights are copied into a decode layout of their own first (decode_tensor > 0;
-    weight_bytes received per device over the ICI; not compiled)."""
+    weight_bytes received per device over the ICI; not compiled). ragged: the ragged decode
+    kernel, whose compiled cost counts every row's whole window (its static estimate); each step's
+    HBM bytes then count the segment's read_slots instead of B x W slots of K and V."""
     from relift_jax import engine
     est = SamplingEstimate(list(segments), [], [], [], [], [],
                            weight_bytes / (chip.ici_bw / 2) if layout_copy else 0.0)
     for s in segments:
-        work = model.outside(s.batch, s.window) + s.steps * model.per_step(s.batch, s.window)
+        step = model.per_step(s.batch, s.window)
+        if ragged:
+            step = dataclasses.replace(step, bytes=max(0.0, step.bytes + (
+                s.read_slots - s.batch * s.window) * cache_slot_bytes))
+        work = model.outside(s.batch, s.window) + s.steps * step
         est.seconds.append(work.roofline(chip).seconds)
-        est.bounds.append(model.per_step(s.batch, s.window).roofline(chip).bound)
+        est.bounds.append(step.roofline(chip).bound)
         est.exact.append((s.batch, s.window) in model.exact)
         est.rearrange_s.append(2 * s.batch * s.window * cache_slot_bytes / chip.hbm_bw
                                if s.rearranged else 0.0)
@@ -1171,7 +1211,11 @@ def _engine_sections(programs: Sequence[Program], c: Configs, topo: Topology, a:
       + f" (RolloutConfig.decode_tensor = {info.tensor}: {layout}); weights {info.dtype}, "
       f"{_mem(info.weight_bytes)} per device, {_mem(info.weight_read_bytes)} of them in the "
       f"compute dtype read per decode step; KV cache {info.cache_slot_bytes:.0f} B per device per "
-      f"(row, slot) of the batch")
+      f"(row, slot) of the batch; decode attention: "
+      + (f"the ragged Pallas kernel (RolloutConfig.decode_attention = 'ragged', blocks of "
+         f"{info.ragged_block} slots: the compiled counts below take every row's whole window, "
+         f"the estimate each row's filled blocks)" if info.ragged_block else
+         "dense over the window"))
     if not segs:
         w("  (no segment program compiled: no decode estimate)")
         return None
@@ -1200,6 +1244,11 @@ def _engine_sections(programs: Sequence[Program], c: Configs, topo: Topology, a:
     w(f"    the others: " + "; ".join(
         f"{p.name} {_si(sum(col.bytes for col in p.segment.loop_collectives), 'B')}"
         for p in segs[1:]))
+    if info.ragged_block:
+        calls = sorted({p.segment.kernels for p in segs})
+        w(f"  ragged attention kernel calls per decode step: "
+          + " to ".join(f"{x:g}" for x in dict.fromkeys([calls[0], calls[-1]]))
+          + f" (the model has {info.layers} layers)")
     with_gathers = [p for p in segs if p.segment.weight_gathers]
     if not with_gathers:
         w(f"  weight all-gathers inside the decode loop: none (in all {len(segs)} segment "
@@ -1234,7 +1283,7 @@ def _engine_sections(programs: Sequence[Program], c: Configs, topo: Topology, a:
                                  prefill=_step_cost(prefill.cost) if prefill else None,
                                  prefill_distinct=g.distinct, prompt_bucket=g.prompt_bucket,
                                  weight_bytes=info.weight_bytes, multiple=g.multiple,
-                                 layout_copy=bool(info.tensor))
+                                 layout_copy=bool(info.tensor), ragged=bool(info.ragged_block))
     est = simulate(list(info.schedule))
     at_cap = sum(x >= ro.max_response_len for x in lens)
     w(f"\n  one iteration's sampling with the engine: {n} rollouts; prompts {a.prompt_len} tokens; "
@@ -1268,13 +1317,18 @@ def _engine_sections(programs: Sequence[Program], c: Configs, topo: Topology, a:
       f"({n_re})" + (f"; the weights' copy into the layout {_secs(est.layout_s)} ("
                      f"{_mem(info.weight_bytes)} received per device over the ICI, not "
                      f"compiled)" if est.layout_s else ""))
+    window_kv = sum(s.steps * s.batch * s.window for s in segments) * info.cache_slot_bytes
+    kv = (sum(s.steps * s.read_slots for s in segments) * info.cache_slot_bytes
+          if info.ragged_block else window_kv)
     total = sum(s.steps * model.per_step(s.batch, s.window).bytes
-                + model.outside(s.batch, s.window).bytes for s in segments)
+                + model.outside(s.batch, s.window).bytes for s in segments) - window_kv + kv
     wts = sum(s.steps for s in segments) * info.weight_read_bytes
-    kv = sum(s.steps * s.batch * s.window for s in segments) * info.cache_slot_bytes
+    what = (f"K and V read by the ragged kernel ({kv / window_kv:.0%} of the windows'; "
+            f"blocks of {info.ragged_block} slots)" if info.ragged_block else
+            "K and V of the window")
     w(f"    where the decode's HBM traffic goes ({_si(total, 'B')} per device, "
       f"{_secs(total / chip.hbm_bw)}): weights {_secs(wts / chip.hbm_bw)} "
-      f"({wts / total:.0%}), K and V of the window {_secs(kv / chip.hbm_bw)} ({kv / total:.0%}), "
+      f"({wts / total:.0%}), {what} {_secs(kv / chip.hbm_bw)} ({kv / total:.0%}), "
       f"the rest (attention scores, logits, activations, copies) "
       f"{_secs((total - wts - kv) / chip.hbm_bw)} ({(total - wts - kv) / total:.0%})")
     other = [d for d in LENGTH_DISTS if d != a.length_dist][0]

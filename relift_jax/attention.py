@@ -319,6 +319,152 @@ def cudnn_attention(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.A
     return out_BxTpxHxE[:, :T]
 
 
+# ----------------------------------------------------------------------------- decode: ragged
+
+DECODE_IMPLEMENTATIONS = ("xla", "ragged")
+
+
+def _decode_block(S: int, block: int) -> int:
+    """The key block of `ragged_decode_attention`: S itself when S <= block, else the largest
+    power of two <= block (and >= 8) that divides S, else S (one block, still correct)."""
+    if S <= block:
+        return S
+    b = 1 << (block.bit_length() - 1)
+    while b >= 8:
+        if S % b == 0:
+            return b
+        b //= 2
+    return S
+
+
+def _ragged_decode_local(q_BxKxRxE, k_all, v_all, layer_1, len_B, *, block: int,
+                         interpret: bool):
+    """The Pallas kernel on one shard: grid (row b, key block j); the block of K heads x `block`
+    slots of layer `layer_1[0]` is fetched only while j * block < len_B[b] (the index map clamps j
+    to the row's last block, and the pipeline skips a fetch whose block index repeats), so a row
+    costs its own filled length, not the window. Online softmax in float32 VMEM scratch."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    L, B, K, S, E = k_all.shape
+    R = q_BxKxRxE.shape[2]
+    blk = _decode_block(S, block)
+    n = S // blk
+    scale = 1.0 / math.sqrt(E)
+
+    def kv_index(b, j, len_ref, layer_ref):
+        last = jax.lax.div(jnp.maximum(len_ref[b] - 1, 0), blk)
+        return (layer_ref[0], b, 0, jnp.minimum(j, last), 0)
+
+    def q_index(b, j, len_ref, layer_ref):
+        return (b, 0, 0, 0)
+
+    def kernel(len_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref):
+        b, j = pl.program_id(0), pl.program_id(1)
+        length = len_ref[b]
+
+        @pl.when(j == 0)
+        def _():
+            m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
+            l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+            acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+        @pl.when(j * blk < length)
+        def _():
+            v_KxkxE = v_ref[...]
+            s_KxRxk = jnp.einsum("kre,kse->krs", q_ref[...], k_ref[...],
+                                 preferred_element_type=jnp.float32) * scale
+            slot = j * blk + jax.lax.broadcasted_iota(jnp.int32, s_KxRxk.shape, 2)
+            s_KxRxk = jnp.where(slot < length, s_KxRxk, _NEG)
+            m_prev = m_ref[...]
+            m_new = jnp.maximum(m_prev, s_KxRxk.max(axis=-1, keepdims=True))
+            p_KxRxk = jnp.exp(s_KxRxk - m_new)
+            corr = jnp.exp(m_prev - m_new)
+            l_ref[...] = corr * l_ref[...] + p_KxRxk.sum(axis=-1, keepdims=True)
+            acc_ref[...] = corr * acc_ref[...] + jnp.einsum(
+                "krs,kse->kre", p_KxRxk.astype(v_KxkxE.dtype), v_KxkxE,
+                preferred_element_type=jnp.float32)
+            m_ref[...] = m_new
+
+        @pl.when(j == n - 1)
+        def _():
+            o_ref[...] = (acc_ref[...] / l_ref[...]).astype(o_ref.dtype)
+
+    kv_spec = pl.BlockSpec((None, None, K, blk, E), kv_index)
+    q_spec = pl.BlockSpec((None, K, R, E), q_index)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2, grid=(B, n), in_specs=[q_spec, kv_spec, kv_spec],
+        out_specs=q_spec,
+        scratch_shapes=[pltpu.VMEM((K, R, 1), jnp.float32), pltpu.VMEM((K, R, 1), jnp.float32),
+                        pltpu.VMEM((K, R, E), jnp.float32)])
+    itemsize = jnp.dtype(k_all.dtype).itemsize
+    # What the kernel moves at most (every row's whole window of one layer); with ragged rows it
+    # is each row's filled blocks. hlo_cost reads these numbers.
+    cost = pl.CostEstimate(flops=4 * B * K * R * S * E, transcendentals=B * K * R * S,
+                           bytes_accessed=2 * B * K * S * E * itemsize
+                           + 2 * q_BxKxRxE.size * q_BxKxRxE.dtype.itemsize)
+    return pl.pallas_call(
+        kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(q_BxKxRxE.shape,
+                                                                    q_BxKxRxE.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        cost_estimate=cost, interpret=interpret)(len_B, layer_1, q_BxKxRxE, k_all, v_all)
+
+
+def ragged_decode_attention(q_BxHxE: jax.Array, k_all: jax.Array, v_all: jax.Array,
+                            layer: jax.Array | int, len_B: jax.Array, *,
+                            block: int = 512) -> jax.Array:
+    """One decode step's attention of each row over its own first len_B[b] cache slots. [B, H, E].
+
+    Reads layer `layer` of the whole cache k_all/v_all [L, B, K, S, E] in place (no per-layer
+    slice, no transpose) with a Pallas TPU kernel that fetches only the key blocks a row has
+    filled: a row of length n costs ceil(n / block) blocks, whatever the window S. Grouped
+    queries: each kernel step serves a key/value head's R query heads. Equal to `attend` with the
+    mask `slot < len_B[b]` (tests/test_attention.py).
+
+    Where it runs: TPU (and an ahead-of-time compile for a TPU topology): the Mosaic kernel. CPU:
+    the same kernel in Pallas interpret mode (tests; slow). Elsewhere (GPU): the dense masked
+    `attend` over the layer (same result). Under a mesh the kernel runs per shard in a shard_map:
+    rows over the batch axes, key/value heads over the tensor axis where it divides them, cache
+    slots never split.
+    """
+    B, H, E = q_BxHxE.shape
+    L, _, K, S, _ = k_all.shape
+    q_BxKxRxE = q_BxHxE.reshape(B, K, H // K, E)
+    layer_1 = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    len_B = len_B.astype(jnp.int32)
+
+    def local(q, k, v, lay, lens):
+        def dense(q, k, v, lay, lens):
+            k_l, v_l = k[lay[0]].astype(q.dtype), v[lay[0]].astype(q.dtype)
+            mask_Bx1xS = (jnp.arange(k.shape[3])[None, :] < lens[:, None])[:, None]
+            out = attend(q.reshape(q.shape[0], 1, -1, E), k_l, v_l, mask_Bx1xS)
+            return out.reshape(q.shape)
+        kernel = functools.partial(_ragged_decode_local, block=block)
+        return jax.lax.platform_dependent(
+            q, k, v, lay, lens, default=dense,
+            tpu=lambda *a: kernel(a[0], a[1], a[2], a[3], a[4], interpret=False),
+            cpu=lambda *a: kernel(a[0], a[1], a[2], a[3], a[4], interpret=True))
+
+    run = local
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        P = jax.sharding.PartitionSpec
+        from relift_jax.engine import CACHE_AXES
+        cache_spec = sharding.named_sharding(mesh, CACHE_AXES, k_all.shape).spec
+        cache_spec = tuple(cache_spec) + (None,) * (5 - len(cache_spec))
+        if cache_spec[0] is not None or cache_spec[3] is not None:
+            raise ValueError(f"ragged decode attention needs the cache's layers and slots unsplit; "
+                             f"the rules give {cache_spec}")
+        batch, heads = cache_spec[1], cache_spec[2]
+        q_spec = P(batch, heads, None, None)
+        run = jax.shard_map(local, mesh=mesh,
+                            in_specs=(q_spec, P(None, batch, heads, None, None),
+                                      P(None, batch, heads, None, None), P(), P(batch)),
+                            out_specs=q_spec, check_vma=False)
+    out_BxKxRxE = run(q_BxKxRxE, k_all, v_all, layer_1, len_B)
+    return out_BxKxRxE.reshape(B, H, E)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 def self_attention(implementation: str, q_BxTxHxE: jax.Array, k_BxKxTxE: jax.Array,

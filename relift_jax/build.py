@@ -168,7 +168,7 @@ def make_teacher_demos(c: RunConfig, run_dir: str, examples: list[data.Example],
                            param_dtype=t.param_dtype, compute_dtype=t.compute_dtype)
 
     def shardings_for(cfg):  # loaded straight into the layout its sampler uses
-        layout = rollout.DecodeLayout(cfg, mesh, t.decode_tensor)
+        layout = rollout.DecodeLayout(cfg, mesh, t.decode_tensor, c.rollout.decode_attention)
         return layout.shardings or param_shardings_for(mesh)(cfg)
     cfg, params, tok, model_dir = load_model(load, shardings_for)
     stops = rollout_policy.stop_ids(tok, model_dir)

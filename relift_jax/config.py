@@ -87,6 +87,9 @@ class RolloutConfig:
     # weights split T ways over heads/MLP/vocabulary and replicated across the other devices,
     # copied there once per sampling call instead of gathered at every decode step.
     decode_tensor: int = 0
+    # Attention of a decode step: "xla" (dense over the segment's window) or "ragged" (a Pallas
+    # TPU kernel that reads only each row's filled key blocks; dense elsewhere than TPU/CPU).
+    decode_attention: str = "xla"
 
     def __post_init__(self):
         n = type(self).__name__
@@ -99,6 +102,8 @@ class RolloutConfig:
         _check(self.decode_slots >= 0, n, "decode_slots", self.decode_slots, "must be >= 0")
         _check(self.segment_len > 0, n, "segment_len", self.segment_len, "must be > 0")
         _check(self.decode_tensor >= 0, n, "decode_tensor", self.decode_tensor, "must be >= 0")
+        _check(self.decode_attention in ("xla", "ragged"), n, "decode_attention",
+               self.decode_attention, "must be 'xla' or 'ragged'")
 
 
 OLD_LOGPROBS = ("sampler", "recompute")

@@ -21,6 +21,11 @@ stays as the reference. What changes against it:
   filled cache (at most 1.5x), not the
   longest row's, and finished rows cost nothing. Costs: one gather and one scatter of a group's
   cache per segment, and more (smaller) programs; on a mesh rows may change devices between segments.
+- **Ragged decode attention** (`ModelConfig.decode_attention = "ragged"`, from
+  RolloutConfig.decode_attention): on TPU each decode step's attention is a Pallas kernel that
+  reads each row's own filled key blocks of the cache in place (attention.ragged_decode_attention),
+  so a row costs its length, not the window; windows are then capped at a multiple of the
+  kernel's block.
 - **Randomness per (seed, row, token index).** A row's draws do not depend on its slot, on the batch
   size or on the other rows: outputs are the same for any `slots`.
 
@@ -201,7 +206,7 @@ def run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], s
     slot_row: list[int] = []                # host mirror: the row in each slot (-1: free)
     slot_len: list[int] = []                # host mirror: filled cache slots of each row
     state, window, batch = None, 0, max_slots
-    window_cap = _window_cap(prompts, sp)
+    window_cap = _window_cap(prompts, sp, config)
     while True:
         live = [j for j, r in enumerate(slot_row) if r >= 0]
         take = min(len(pending), max_slots - len(live))
@@ -257,9 +262,12 @@ class _Rows:
         return len(made)
 
 
-def _window_cap(prompts, sp) -> int:
-    """No row outgrows its prompt + max new tokens (+1: the slot a finished row rewrites)."""
-    return -(-(max(len(p) for p in prompts) + sp.max_new_tokens + 1) // 64) * 64
+def _window_cap(prompts, sp, config: ModelConfig) -> int:
+    """No row outgrows its prompt + max new tokens (+1: the slot a finished row rewrites); rounded
+    up to 64 slots, or to the ragged decode kernel's block (so the block divides every window)."""
+    ragged = getattr(config, "decode_attention", "xla") == "ragged"  # (tests pass no config)
+    m = config.decode_attention_block if ragged else 64
+    return -(-(max(len(p) for p in prompts) + sp.max_new_tokens + 1) // m) * m
 
 
 def _run_grouped(config: ModelConfig, params: Params, prompts, sp, *, seed: int,
@@ -273,7 +281,7 @@ def _run_grouped(config: ModelConfig, params: Params, prompts, sp, *, seed: int,
     key = jax.random.key(seed)
     out = _Rows(n, sp.stop_ids)
     pending = collections.deque(range(n))
-    store_window = max(_window_cap(prompts, sp), _bucket(max(len(p) for p in prompts), 16))
+    store_window = max(_window_cap(prompts, sp, config), _bucket(max(len(p) for p in prompts), 16))
     store = _empty_state(config, max_slots, store_window, put)
     slot_row = [-1] * max_slots              # host mirror: the row in each slot (-1: free)
     slot_len = [0] * max_slots               # host mirror: filled cache slots of each row

@@ -64,6 +64,9 @@ class EvalSettings:
         limit: evaluate only the first `limit` questions of each suite (None: all).
         seed: base seed; batch b of suite s samples with a seed derived from (seed, s, b).
         reward_workers, reward_timeout_s: the RewardScorer built when evaluate() gets none.
+        decode_attention: the decode steps' attention, "xla" or "ragged" (the Pallas TPU kernel
+            over each row's filled cache; RolloutConfig.decode_attention); None: the model
+            config's own.
     """
 
     samples: int | Mapping[str, int] | None = None
@@ -81,6 +84,7 @@ class EvalSettings:
     seed: int = 0
     reward_workers: int = 2
     reward_timeout_s: float = 5.0
+    decode_attention: str | None = None
 
     def __post_init__(self):
         def positive_int(name: str, value: Any) -> None:
@@ -95,6 +99,9 @@ class EvalSettings:
         elif self.samples is not None:
             positive_int("samples", self.samples)
             object.__setattr__(self, "samples", int(self.samples))
+        if self.decode_attention not in (None, "xla", "ragged"):
+            raise ValueError(f"EvalSettings.decode_attention must be 'xla' or 'ragged', got "
+                             f"{self.decode_attention!r}")
         if not self.temperature >= 0:
             raise ValueError(f"EvalSettings.temperature must be >= 0, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
@@ -225,6 +232,8 @@ def _sampler(config: Any, params: Any, tokenizer: Any, settings: EvalSettings,
     with the model, the sampling rule and the stop ids bound."""
     if generate_fn is None:
         from relift_jax.sampler import generate as generate_fn
+    if settings.decode_attention is not None:
+        config = config.replace(decode_attention=settings.decode_attention)
     return functools.partial(
         generate_fn, config, params, max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,

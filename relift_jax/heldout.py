@@ -27,7 +27,9 @@ class HeldOut:
     def __init__(self, *, run_dir: str, model_cfg: Any, tokenizer: Any, examples: Sequence,
                  train: TrainConfig, rollout: RolloutConfig, scorer: Any, stop_ids: Sequence[int],
                  mesh: Any, writer: Any, layout: Any = None):
-        self.run_dir, self.cfg, self.tok = run_dir, model_cfg, tokenizer
+        # Sampled like the RL rollouts: the rollout's decode attention.
+        self.cfg = model_cfg.replace(decode_attention=rollout.decode_attention)
+        self.run_dir, self.tok = run_dir, tokenizer
         self.examples = list(examples)
         self.train, self.rollout = train, rollout
         self.scorer, self.stop_ids, self.mesh, self.writer = scorer, tuple(stop_ids), mesh, writer

@@ -16,7 +16,9 @@ scan over 16 micro-batches is undercounted 448 times. This module reads the comp
   dynamic slice or gather of an operand counts the slice, the base of an in-place dynamic update
   or (single-operand) scatter counts nothing and its output only the update (a KV-cache write is
   not the whole cache, also when each row writes its own slot), as XLA's own cost analysis does.
-  Layout padding (tiles) is not counted.
+  Layout padding (tiles) is not counted. A Pallas kernel counts the bytes of its own cost
+  estimate where it gives one (the ragged decode attention reads one layer of the cache it gets
+  whole), else its operands and output.
 - collectives (all-gather, all-reduce, reduce-scatter, all-to-all, collective-permute; sync or
   async): the bytes a device receives: all-gather (n-1) x operand, reduce-scatter and all-to-all
   (n-1)/n x operand, all-reduce 2 (n-1)/n x operand, collective-permute the operand.
@@ -393,6 +395,7 @@ class Cost:
     collectives: list[Collective] = dataclasses.field(default_factory=list)
     loops: list[Loop] = dataclasses.field(default_factory=list)
     custom_calls: float = 0   # executions of kernels whose FLOPs are unknown (Pallas, no estimate)
+    kernel_calls: float = 0   # executions of Pallas/Mosaic TPU kernels (tpu_custom_call)
     unknown_loop: int | None = None
 
     @property
@@ -626,18 +629,27 @@ class _Walker:
             self.add(_fused_flops(mod, inner), nbytes, mult)
             return
         flops = _dot_flops(comp, ins, mod) if op in ("dot", "convolution") else 0.0
+        estimated_bytes = None
         if op == "custom-call":
             target = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
             target = target.group(1) if target else ""
             if target in _NO_TRAFFIC_CALLS:
                 return
             if target == "tpu_custom_call":  # a Pallas/Mosaic kernel: its own cost estimate
+                self.cost.kernel_calls += mult
                 est = re.search(r'\\?"flops\\?"\s*:\s*\\?"?(\d+)', ins.attrs)
                 if est:
                     flops = float(est.group(1))
                 else:
                     self.cost.custom_calls += mult
-        if op == "dynamic-update-slice" and len(operands) > 1:
+                # A kernel that reads part of an operand in place (the ragged decode attention
+                # reads one layer of the whole cache) says what it moves.
+                est = re.search(r'\\?"bytes_accessed\\?"\s*:\s*\\?"?(\d+)', ins.attrs)
+                if est:
+                    estimated_bytes = float(est.group(1))
+        if estimated_bytes is not None:
+            nbytes = estimated_bytes
+        elif op == "dynamic-update-slice" and len(operands) > 1:
             nbytes = 2 * shape_bytes(operands[1])
         elif op == "scatter" and len(operands) == 3:  # in place: indices, updates read and written
             nbytes = shape_bytes(operands[1]) + 2 * shape_bytes(operands[2])
@@ -661,6 +673,7 @@ class _Walker:
         c.flops_once += other.flops_once
         c.bytes_once += other.bytes_once
         c.custom_calls += other.custom_calls
+        c.kernel_calls += other.kernel_calls
 
 
 def analyse(text: str, unknown_trips: int | None = None) -> Cost:

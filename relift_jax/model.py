@@ -6,8 +6,10 @@ pytree is what the train steps differentiate, what the sampler decodes with and 
 
 Attention without a KV cache (training, scoring) is `ModelConfig.attention` (attention.py: dense
 "xla", flash-style "blockwise", TPU "splash", GPU "cudnn") over padded or packed rows (segment ids);
-with a cache (the sampler) it is always the dense `attend`. `ModelConfig.remat` names what each
-layer keeps for the backward pass (REMAT_POLICIES).
+with a cache it is the dense `attend`, except one-token steps with per-row positions (the rollout
+engine's decode) under `ModelConfig.decode_attention = "ragged"`: attention.ragged_decode_attention,
+a Pallas TPU kernel that reads each row's filled key blocks of the cache in place.
+`ModelConfig.remat` names what each layer keeps for the backward pass (REMAT_POLICIES).
 
 Shape key: B batch, T tokens (queries), S key/value slots, D hidden, H query heads, K key/value heads,
 R = H // K query heads per key/value head, E head dim, F MLP hidden, V vocab, L layers.
@@ -81,6 +83,11 @@ class ModelConfig:
     attention: str = "xla"  # an attention.IMPLEMENTATIONS name, for everything but the KV cache
     attention_block_q: int = 512  # blockwise/splash query block
     attention_block_kv: int = 512  # blockwise/splash key/value block
+    # One-token decode steps with per-row cache positions (the rollout engine): "xla" = dense
+    # `attend` over the whole window; "ragged" = attention.ragged_decode_attention (a Pallas TPU
+    # kernel reading only each row's filled key blocks).
+    decode_attention: str = "xla"
+    decode_attention_block: int = 512  # ragged: key slots per kernel block
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # the bool this field used to be
@@ -91,7 +98,10 @@ class ModelConfig:
         if self.attention not in attn_lib.IMPLEMENTATIONS:
             raise ValueError(f"attention {self.attention!r} is not one of "
                              f"{attn_lib.IMPLEMENTATIONS}")
-        for name in ("attention_block_q", "attention_block_kv"):
+        if self.decode_attention not in attn_lib.DECODE_IMPLEMENTATIONS:
+            raise ValueError(f"decode_attention {self.decode_attention!r} is not one of "
+                             f"{attn_lib.DECODE_IMPLEMENTATIONS}")
+        for name in ("attention_block_q", "attention_block_kv", "decode_attention_block"):
             if getattr(self, name) <= 0 or getattr(self, name) % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got "
                                  f"{getattr(self, name)}")
@@ -244,8 +254,10 @@ def _layer(config: ModelConfig, lp: Params, x_BxTxD: jax.Array, cos: jax.Array, 
     Without a cache, attention is `config.attention` under the segment rule of `segment_ids_BxT`
     (attention.segment_mask). With `cache` = (k_all, v_all, layer) of shape [L, B, K, S, E], only
     this call's T new keys and values are written (at slots cache_start..) and the dense `attend`
-    reads layer `layer` of the whole cache under `mask_BxTxS`; the updated (k_all, v_all) are
-    returned. Writing just the new slots, in a layout the attention dots read without a
+    reads layer `layer` of the whole cache under `mask_BxTxS` (or, for one token per row at its
+    own slot with config.decode_attention "ragged", the ragged kernel reads row b's slots
+    0..cache_start[b] of it: rows are left-aligned, as the engine keeps them); the updated
+    (k_all, v_all) are returned. Writing just the new slots, in a layout the attention dots read without a
     transpose, keeps a decode step's memory traffic small.
 
     Matmul outputs are named (MATMUL_NAMES) for the "save_matmuls" remat policy.
@@ -269,8 +281,14 @@ def _layer(config: ModelConfig, lp: Params, x_BxTxD: jax.Array, cos: jax.Array, 
             at = (i, 0, 0, cache_start, 0)
             k_all = jax.lax.dynamic_update_slice(k_all, k_BxKxTxE[None].astype(k_all.dtype), at)
             v_all = jax.lax.dynamic_update_slice(v_all, v_BxKxTxE[None].astype(v_all.dtype), at)
-        k_BxKxTxE, v_BxKxTxE, cache = k_all[i], v_all[i], (k_all, v_all)
-        attn = attend(q, k_BxKxTxE.astype(q.dtype), v_BxKxTxE.astype(q.dtype), mask_BxTxS)
+        if jnp.ndim(cache_start) == 1 and config.decode_attention == "ragged":
+            # Row b sees its slots 0..cache_start[b] (left-aligned rows: the engine's layout).
+            attn = attn_lib.ragged_decode_attention(
+                q[:, 0], k_all, v_all, i, cache_start + 1,
+                block=config.decode_attention_block)[:, None]
+        else:
+            attn = attend(q, k_all[i].astype(q.dtype), v_all[i].astype(q.dtype), mask_BxTxS)
+        cache = (k_all, v_all)
     else:
         attn = attn_lib.self_attention(config.attention, q, k_BxKxTxE, v_BxKxTxE, segment_ids_BxT,
                                        block_q=config.attention_block_q,

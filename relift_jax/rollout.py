@@ -30,8 +30,9 @@ class DecodeLayout:
     no weight moves inside the decode loop. The copy is (params bytes / T) per device.
     """
 
-    def __init__(self, cfg: ModelConfig, train_mesh, tensor: int = 0):
-        self.cfg, self.tensor = cfg, tensor
+    def __init__(self, cfg: ModelConfig, train_mesh, tensor: int = 0, attention: str = "xla"):
+        # `attention`: the decode steps' attention (ModelConfig.decode_attention) of this sampler.
+        self.cfg, self.tensor = cfg.replace(decode_attention=attention), tensor
         self.mesh = train_mesh
         self.shardings = None
         if tensor and train_mesh is not None:
@@ -57,7 +58,7 @@ class DecodeLayout:
 def make_sample_fn(cfg: ModelConfig, rollout: RolloutConfig, stop_ids: Sequence[int],
                    pad_id: int, mesh) -> Callable:
     """(params, prompt ids, G, seed) -> Rollouts of N*G rows, question by question."""
-    layout = DecodeLayout(cfg, mesh, rollout.decode_tensor)
+    layout = DecodeLayout(cfg, mesh, rollout.decode_tensor, rollout.decode_attention)
 
     def sample(params, prompts, G: int, seed: int) -> Rollouts:
         out = layout.generate(params, prompts, max_new_tokens=rollout.max_response_len,

@@ -126,7 +126,8 @@ def _set_up(run_dir: str, c: RunConfig, operative_gin: str | None, mesh) -> _Run
     writer = metrics.MetricsWriter(run_dir)
     held = HeldOut(run_dir=run_dir, model_cfg=cfg, tokenizer=tok, examples=d.heldout, train=c.train,
                    rollout=c.rollout, scorer=scorer, stop_ids=stops, mesh=mesh, writer=writer,
-                   layout=rollout.DecodeLayout(cfg, mesh, c.rollout.decode_tensor))
+                   layout=rollout.DecodeLayout(cfg, mesh, c.rollout.decode_tensor,
+                                                 c.rollout.decode_attention))
     writer.scalars(0, {"data/train_questions": len(d.questions),
                        "data/with_demonstration": len(ctl.demo_ids),
                        "data/dropped_long_prompts": d.dropped})

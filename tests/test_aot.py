@@ -293,6 +293,22 @@ def test_engine_on_its_own_layout_has_no_weight_gathers_in_the_decode_loop():
     assert "the weights' copy into the layout" in text
 
 
+@needs_libtpu
+def test_engine_with_the_ragged_decode_kernel():
+    """RolloutConfig.decode_attention = 'ragged' on the decode layout: every segment's decode step
+    calls the Pallas kernel once per layer, inside the shard_map, with no weight gathered."""
+    out = io.StringIO()
+    rc = aot.run([TINY], "v5p:2x2x1", ["RolloutConfig.decode_tensor = 2",
+                                       "RolloutConfig.decode_attention = 'ragged'"],
+                 functions=["engine_segment"], out=out)
+    text = out.getvalue()
+    assert rc == 0, text
+    layers = int(re.search(r"the model has (\d+) layers", text).group(1))
+    assert f"ragged attention kernel calls per decode step: {layers} (" in text, text
+    assert "weight all-gathers inside the decode loop: none" in text
+    assert "K and V read by the ragged kernel" in text and "sampling estimate:" in text
+
+
 def _segment_shape(B, W, c0=4e9, c1=2e6, c2=2e3, steps=32):
     return aot.SegmentShape(B, W, steps, aot.StepCost(1e9 * B, c0 + c1 * B + c2 * B * W, 1e5 * B),
                             aot.StepCost(0.0, 1e8, 0.0))
@@ -334,6 +350,19 @@ def test_schedule_by_hand_with_refills():
     got = aot.engine_schedule([5, 9], [3, 70, 10, 40], 2, slots=2, segment_len=32)
     assert got == [S(2, 64, 2, 32, 2, 1, False), S(2, 128, 2, 32, 1, 1, True),
                    S(2, 128, 2, 32, 1, 1, False), S(1, 128, 1, 8, 0, 0, True)]
+
+
+def test_schedule_ragged_reads_by_hand():
+    """The ragged kernel's reads, 2 prompts of 5 x 1 sample, responses 3 and 20, blocks of 8: the
+    window cap is 5 + 20 + 1 rounded up to 8 = 32, one segment of 20 steps. At step t row 0 reads
+    slots 0..5+min(t, 3) (it stops growing when done, 3 tokens), row 1 slots 0..5+t, each rounded
+    up to 8: row 0 8 x 3 + 16 x 17 = 296; row 1 (6..25 slots) 8 x 3 + 16 x 8 + 24 x 8 + 32 = 376;
+    (296 + 376) / 20 = 33.6 slots per step, against 2 x 32 = 64 for the dense window."""
+    got = aot.engine_schedule([5, 5], [3, 20], 1, segment_len=32, ragged_block=8)
+    assert [(s.batch, s.window, s.steps) for s in got] == [(2, 32, 20)]
+    assert got[0].read_slots == pytest.approx(33.6)
+    dense = aot.engine_schedule([5, 5], [3, 20], 1, segment_len=32)
+    assert dense[0].window == 64 and dense[0].read_slots == 0.0   # cap rounded up to 64
 
 
 @pytest.mark.parametrize("slots", [0, 5, 16])
@@ -420,6 +449,11 @@ def test_sampling_estimate_by_hand():
     assert np.allclose(est.rearrange_s, [0.0, 2 * 2 * 128 * 100 / 1e9])
     assert est.bounds == ["HBM", "ICI"] and est.exact == [True, True]
     assert np.isclose(est.total, 0.034 + 0.010 + est.prefill_s[0] + est.rearrange_s[1])
+    # The ragged kernel: a step's K/V bytes are its read slots' (100 of 4 x 64), not the window's.
+    segs[0] = dataclasses.replace(segs[0], read_slots=100.0)
+    est = aot.estimate_sampling(segs, aot.SegmentCostModel(shapes), chip, cache_slot_bytes=100.0,
+                                ragged=True)
+    assert np.isclose(est.seconds[0], 0.002 + 32 * (1e6 - (4 * 64 - 100) * 100) / 1e9)
 
 
 def test_scatter_writes_in_place():

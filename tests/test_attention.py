@@ -19,7 +19,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 from f32 import EPS32, assert_close, assert_trees_close, chain_ulps, decoder_ulps
-from relift_jax import attention, model, sharding
+from relift_jax import attention, hlo_cost, model, sharding
 
 
 def _segments(rows: list[list[tuple[int, int]]], T: int) -> np.ndarray:
@@ -376,3 +376,82 @@ def test_cudnn_matches_blockwise_on_gpu():
     for name, got, want in zip(["out", "dq", "dk", "dv"], run("cudnn"), run("blockwise")):
         err = np.abs(got - want).max()
         assert err <= 8 * eps_bf16 * np.abs(want).max(), (name, err, np.abs(want).max())
+
+
+# ----------------------------------------------------------------------------- ragged decode
+
+def _decode_inputs(L=3, B=5, K=2, R=3, S=96, E=16, seed=0):
+    rng = np.random.RandomState(seed)
+    q = rng.randn(B, K * R, E).astype(np.float32)
+    k_all = rng.randn(L, B, K, S, E).astype(np.float32)
+    v_all = rng.randn(L, B, K, S, E).astype(np.float32)
+    return q, k_all, v_all
+
+
+@pytest.mark.parametrize("S,block", [(96, 32), (96, 512), (64, 16)])
+def test_ragged_decode_matches_dense_attend(S, block):
+    """The Pallas kernel (interpret mode on CPU) against `attend` under the mask slot < len[b], for
+    lengths 1, a block edge, one past it, mid-block and the whole window, R = 3 query heads per
+    key/value head, on layer 1 of 3 (read in place)."""
+    q, k_all, v_all = _decode_inputs(S=S)
+    lens = np.array([1, block if block < S else S // 2, min(block + 1, S), 37, S], np.int32)
+    got = jax.jit(functools.partial(attention.ragged_decode_attention, block=block))(
+        q, k_all, v_all, 1, lens)
+    mask_Bx1xS = (np.arange(S)[None, :] < lens[:, None])[:, None]
+    want = attention.attend(q[:, None], k_all[1], v_all[1], mask_Bx1xS)[:, 0]
+    assert got.shape == want.shape
+    assert_close(np.asarray(got), np.asarray(want), ulps=_attention_ulps(q[:, None], k_all[1], S,
+                                                                         q.shape[-1]))
+
+
+def test_ragged_decode_block_choice():
+    assert attention._decode_block(96, 512) == 96        # the whole window: one block
+    assert attention._decode_block(1536, 512) == 512
+    assert attention._decode_block(1536 + 64, 512) == 64  # largest power of two dividing S
+    assert attention._decode_block(1000, 512) == 8
+    assert attention._decode_block(1001, 512) == 1001     # nothing divides: one block
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs tests/conftest.py's 8 CPU devices")
+def test_ragged_decode_sharded_equals_unsharded():
+    """Under a 2 (data) x 2 (fsdp) x 2 (tensor) mesh the kernel runs per shard (rows over data x
+    fsdp, key/value heads over tensor): the same result as on one device."""
+    q, k_all, v_all = _decode_inputs(B=8, K=2, S=64)
+    lens = np.array([1, 5, 16, 17, 33, 64, 2, 40], np.int32)
+    f = jax.jit(functools.partial(attention.ragged_decode_attention, block=16))
+    want = np.asarray(f(q, k_all, v_all, 2, lens))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    with jax.set_mesh(mesh):
+        put = lambda x, axes: jax.device_put(x, sharding.named_sharding(mesh, axes, x.shape))  # noqa: E731
+        cache_axes = ("cache_layers", "batch", "cache_kv_heads", "cache_slots", None)
+        got = f(put(q, ("batch", "act_heads", None)), put(k_all, cache_axes),
+                put(v_all, cache_axes), 2, put(lens, ("batch",)))
+    assert_close(np.asarray(got), want, ulps=4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install 'jax[tpu]')")
+def test_ragged_decode_compiles_for_tpu_ahead_of_time():
+    """A Qwen2.5-7B-shaped decode step's attention (28 query / 4 key-value heads, E = 128, bf16, a
+    2,048-slot window of a 28-layer cache) lowers to one Mosaic kernel (tpu_custom_call) for a fake
+    v5p chip, reading the cache in place: no copy of a cache-sized array."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1")
+    one = jax.sharding.SingleDeviceSharding(topo.devices[0])
+    L, B, K, H, S, E = 28, 16, 4, 28, 2048, 128
+    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=one)  # noqa: E731
+    args = (sds((B, H, E), jnp.bfloat16), sds((L, B, K, S, E), jnp.bfloat16),
+            sds((L, B, K, S, E), jnp.bfloat16), sds((), jnp.int32), sds((B,), jnp.int32))
+    text = jax.jit(attention.ragged_decode_attention).lower(*args).compile().as_text()
+    assert text.count('custom_call_target="tpu_custom_call"') == 1
+    cache_shape = f"bf16[{L},{B},{K},{S},{E}]"
+    copies = [ln for ln in text.splitlines() if " copy(" in ln and cache_shape in ln.split("=")[1]
+              .split("copy(")[0]]
+    assert not copies, copies
+    # hlo_cost counts the kernel's own estimate (one layer's window of K and V, q and the output),
+    # not its operands (the whole 28-layer cache, 28x more).
+    window_bytes = 2 * B * K * S * E * 2
+    counted = hlo_cost.analyse(text).bytes
+    assert window_bytes <= counted < 1.1 * window_bytes, (counted, window_bytes)

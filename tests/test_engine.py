@@ -57,19 +57,27 @@ def test_outputs_do_not_depend_on_slots_or_segments(tiny_checkpoints, temperatur
 def test_greedy_equals_the_dense_sampler(tiny_checkpoints):
     cfg, params, prompts, stops = _setup(tiny_checkpoints)
     dense = _run(cfg, params, prompts, stops, temperature=0.0, engine="dense")
-    for engine_name, slots in (("continuous", 0), ("continuous", 5), ("grouped", 5)):
-        ours = _run(cfg, params, prompts, stops, temperature=0.0, slots=slots, segment_len=8,
+    # "ragged": the Pallas decode kernel (interpret mode here), 16-slot blocks so rows span several.
+    ragged = cfg.replace(decode_attention="ragged", decode_attention_block=16)
+    for engine_name, slots, c in (("continuous", 0, cfg), ("continuous", 5, cfg),
+                                  ("grouped", 5, cfg), ("continuous", 5, ragged),
+                                  ("grouped", 0, ragged)):
+        ours = _run(c, params, prompts, stops, temperature=0.0, slots=slots, segment_len=8,
                     engine=engine_name)
         assert ours.tokens == dense.tokens
         np.testing.assert_array_equal(ours.stopped, dense.stopped)
         np.testing.assert_array_equal(ours.lengths, dense.lengths)
 
 
-@pytest.mark.parametrize("engine_name", ["continuous", "grouped"])
-def test_sampled_logprobs_equal_forward(tiny_checkpoints, engine_name):
-    """Every sampled token's log-prob equals a full forward pass over prompt + response."""
+@pytest.mark.parametrize("engine_name,decode_attention", [("continuous", "xla"),
+                                                          ("grouped", "xla"),
+                                                          ("continuous", "ragged")])
+def test_sampled_logprobs_equal_forward(tiny_checkpoints, engine_name, decode_attention):
+    """Every sampled token's log-prob equals a full forward pass over prompt + response (also with
+    the ragged decode kernel, which reads each row's filled blocks only)."""
     cfg, params, prompts, stops = _setup(tiny_checkpoints)
-    out = _run(cfg, params, prompts, stops, temperature=1.0, slots=5, segment_len=8,
+    sample_cfg = cfg.replace(decode_attention=decode_attention, decode_attention_block=16)
+    out = _run(sample_cfg, params, prompts, stops, temperature=1.0, slots=5, segment_len=8,
                engine=engine_name)
     rows = [i for i in range(len(out.tokens)) if out.tokens[i]]
     T = 128
