@@ -1,7 +1,5 @@
 """Causal grouped-query attention, four ways: dense XLA, blockwise (flash-style, plain JAX), Pallas
 splash on TPU and cuDNN on GPU. `self_attention` picks one by name (`ModelConfig.attention`).
-Decoding with a KV cache has its own two: `decode_attend` (dense; on CPU as a multiply-reduce) and
-`ragged_decode_attention` (a Pallas TPU kernel over each row's filled cache blocks).
 
 Why: a dense softmax materialises float32 scores [B, H, T, S]; for Qwen2.5-Math-7B (H = 28) at
 T = S = 9,216 that is 9.5 GB per sequence per layer, and its backward keeps the probabilities too.
@@ -72,32 +70,6 @@ def attend(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
     probs = jax.nn.softmax(scores_BxKxRxTxS, axis=-1).astype(v_BxKxSxE.dtype)
     out = jnp.einsum("bkrts,bkse->btkre", probs, v_BxKxSxE)
     return out.reshape(B, T, H, E)
-
-
-def _attend_one_query(q_Bx1xHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
-                      mask_Bx1xS: jax.Array) -> jax.Array:
-    """`attend` for one query per row as broadcast-multiply-reduce: XLA:CPU fuses each product
-    with its sum (and the layer's slice of the cache) into one pass over K and V, where the dot
-    form runs as small batched matrix products at a quarter of the memory bandwidth."""
-    B, _, H, E = q_Bx1xHxE.shape
-    K = k_BxKxSxE.shape[1]
-    q_BxKxRxE = q_Bx1xHxE.reshape(B, K, H // K, E).astype(jnp.float32)
-    scores_BxKxRxS = jnp.sum(q_BxKxRxE[:, :, :, None, :] * k_BxKxSxE[:, :, None, :, :],
-                             axis=-1, dtype=jnp.float32) / math.sqrt(E)
-    scores_BxKxRxS = jnp.where(mask_Bx1xS[:, :, None], scores_BxKxRxS, -1e30)
-    probs_BxKxRxS = jax.nn.softmax(scores_BxKxRxS, axis=-1)
-    out_BxKxRxE = jnp.sum(probs_BxKxRxS[..., None] * v_BxKxSxE[:, :, None, :, :], axis=-2,
-                          dtype=jnp.float32)
-    return out_BxKxRxE.reshape(B, 1, H, E).astype(q_Bx1xHxE.dtype)
-
-
-def decode_attend(q_Bx1xHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
-                  mask_Bx1xS: jax.Array) -> jax.Array:
-    """`attend` of one decode step (one query per row): on CPU `_attend_one_query` (about 3x
-    faster there, bench/README.md), elsewhere `attend` itself. The two differ by float32
-    rounding of the same sums."""
-    return jax.lax.platform_dependent(q_Bx1xHxE, k_BxKxSxE, v_BxKxSxE, mask_Bx1xS,
-                                      cpu=_attend_one_query, default=attend)
 
 
 # ----------------------------------------------------------------------------- blockwise

@@ -286,9 +286,6 @@ def _layer(config: ModelConfig, lp: Params, x_BxTxD: jax.Array, cos: jax.Array, 
             attn = attn_lib.ragged_decode_attention(
                 q[:, 0], k_all, v_all, i, cache_start + 1,
                 block=config.decode_attention_block)[:, None]
-        elif T == 1:  # a decode step
-            attn = attn_lib.decode_attend(q, k_all[i].astype(q.dtype), v_all[i].astype(q.dtype),
-                                          mask_BxTxS)
         else:
             attn = attend(q, k_all[i].astype(q.dtype), v_all[i].astype(q.dtype), mask_BxTxS)
         cache = (k_all, v_all)

@@ -455,19 +455,3 @@ def test_ragged_decode_compiles_for_tpu_ahead_of_time():
     window_bytes = 2 * B * K * S * E * 2
     counted = hlo_cost.analyse(text).bytes
     assert window_bytes <= counted < 1.1 * window_bytes, (counted, window_bytes)
-
-
-def test_decode_attend_matches_attend():
-    """One query per row (a decode step): the CPU form (broadcast-multiply-reduce) against the dot
-    form `attend`, for R = 3 query heads per key/value head and rows with 1, some and all keys."""
-    rng = np.random.RandomState(3)
-    B, K, R, S, E = 4, 2, 3, 50, 16
-    q = rng.randn(B, 1, K * R, E).astype(np.float32)
-    k = rng.randn(B, K, S, E).astype(np.float32)
-    v = rng.randn(B, K, S, E).astype(np.float32)
-    lens = np.array([1, 7, 33, 50])
-    mask_Bx1xS = (np.arange(S)[None, :] < lens[:, None])[:, None]
-    got = jax.jit(attention.decode_attend)(q, k, v, mask_Bx1xS)
-    want = attention.attend(q, k, v, mask_Bx1xS)
-    assert got.shape == want.shape == (B, 1, K * R, E)
-    assert_close(np.asarray(got), np.asarray(want), ulps=_attention_ulps(q, k, S, E))
