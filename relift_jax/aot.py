@@ -735,7 +735,8 @@ def _engine(c: Configs, cfg, train_params, train_mesh, a: Assumptions,
         # the LM head is that same table.
         weight_read_bytes=(cfg.num_params() - (0 if cfg.tie_word_embeddings else
                                                cfg.vocab_size * cfg.hidden_size))
-        * np.dtype(cfg.dtype).itemsize / dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1),
+        * np.dtype(cfg.dtype).itemsize
+        / dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1),
         cache_slot_bytes=2 * float(np.prod(kv_shard)) * np.dtype(cfg.dtype).itemsize / (B * W),
         shapes=g, schedule=tuple(schedule), ragged_block=_ragged_block(c), layers=cfg.num_layers)
 

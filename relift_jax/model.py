@@ -257,8 +257,8 @@ def _layer(config: ModelConfig, lp: Params, x_BxTxD: jax.Array, cos: jax.Array, 
     reads layer `layer` of the whole cache under `mask_BxTxS` (or, for one token per row at its
     own slot with config.decode_attention "ragged", the ragged kernel reads row b's slots
     0..cache_start[b] of it: rows are left-aligned, as the engine keeps them); the updated
-    (k_all, v_all) are returned. Writing just the new slots, in a layout the attention dots read without a
-    transpose, keeps a decode step's memory traffic small.
+    (k_all, v_all) are returned. Writing just the new slots, in a layout the attention dots read
+    without a transpose, keeps a decode step's memory traffic small.
 
     Matmul outputs are named (MATMUL_NAMES) for the "save_matmuls" remat policy.
     """

@@ -422,7 +422,8 @@ def test_ragged_decode_sharded_equals_unsharded():
     want = np.asarray(f(q, k_all, v_all, 2, lens))
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     with jax.set_mesh(mesh):
-        put = lambda x, axes: jax.device_put(x, sharding.named_sharding(mesh, axes, x.shape))  # noqa: E731
+        def put(x, axes):
+            return jax.device_put(x, sharding.named_sharding(mesh, axes, x.shape))
         cache_axes = ("cache_layers", "batch", "cache_kv_heads", "cache_slots", None)
         got = f(put(q, ("batch", "act_heads", None)), put(k_all, cache_axes),
                 put(v_all, cache_axes), 2, put(lens, ("batch",)))
