@@ -665,9 +665,7 @@ class EngineInfo:
 def _ragged_block(c: Configs) -> int:
     """The ragged decode kernel's key block (ModelConfig's default), 0 with dense decoding."""
     from relift_jax.model import ModelConfig
-    if c.rollout.decode_attention != "ragged":
-        return 0
-    return ModelConfig.__dataclass_fields__["decode_attention_block"].default
+    return ModelConfig.decode_attention_block if c.rollout.decode_attention == "ragged" else 0
 
 
 def engine_shapes(c: Configs, a: Assumptions, multiple: int) -> EngineShapes:
@@ -676,8 +674,7 @@ def engine_shapes(c: Configs, a: Assumptions, multiple: int) -> EngineShapes:
     n = ro.questions_per_iteration * ro.group_size
     max_slots = -(-(ro.decode_slots or n) // multiple) * multiple
     seg = ro.segment_len
-    m = _ragged_block(c) or 64
-    cap = -(-(a.prompt_len + ro.max_response_len + 1) // m) * m  # engine.run's window cap
+    cap = engine.window_cap(a.prompt_len, ro.max_response_len, _ragged_block(c) or 64)
     floor = engine._bucket(a.prompt_len, 16)
     hi = max(min(engine._bucket(a.prompt_len + ro.max_response_len + seg + 1, 64), cap), floor)
     lo = max(min(engine._bucket(a.prompt_len + a.mean_response_len + seg + 1, 64), cap), floor)
@@ -867,8 +864,7 @@ def engine_schedule(prompt_lens: Sequence[int], response_lens: Sequence[int], nu
     n = len(response_lens)
     max_slots = -(-(slots or n) // multiple) * multiple
     max_new = max_new_tokens if max_new_tokens is not None else max(response_lens)
-    m = ragged_block or 64
-    window_cap = -(-(max(prompt_lens) + max_new + 1) // m) * m
+    window_cap = engine.window_cap(max(prompt_lens), max_new, ragged_block or 64)
     pending = list(range(n))[::-1]
     slot_row: list[int] = []
     slot_len: list[int] = []

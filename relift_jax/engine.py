@@ -262,12 +262,20 @@ class _Rows:
         return len(made)
 
 
-def _window_cap(prompts, sp, config: ModelConfig) -> int:
-    """No row outgrows its prompt + max new tokens (+1: the slot a finished row rewrites); rounded
-    up to 64 slots, or to the ragged decode kernel's block (so the block divides every window)."""
+def window_multiple(config: ModelConfig) -> int:
+    """What the window cap is rounded up to: 64 slots, or the ragged decode kernel's block (so
+    the block divides every window)."""
     ragged = getattr(config, "decode_attention", "xla") == "ragged"  # (tests pass no config)
-    m = config.decode_attention_block if ragged else 64
-    return -(-(max(len(p) for p in prompts) + sp.max_new_tokens + 1) // m) * m
+    return config.decode_attention_block if ragged else 64
+
+
+def window_cap(longest_prompt: int, max_new_tokens: int, multiple: int) -> int:
+    """No row outgrows its prompt + max new tokens (+1: the slot a finished row rewrites)."""
+    return -(-(longest_prompt + max_new_tokens + 1) // multiple) * multiple
+
+
+def _window_cap(prompts, sp, config: ModelConfig) -> int:
+    return window_cap(max(len(p) for p in prompts), sp.max_new_tokens, window_multiple(config))
 
 
 def _run_grouped(config: ModelConfig, params: Params, prompts, sp, *, seed: int,
