@@ -116,9 +116,10 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def run_ours(cfg, params, prompts: list[list[int]], N: int, seed: int):
+def run_ours(cfg, params, prompts: list[list[int]], N: int, seed: int,
+             engine: str = "continuous"):
     out = sampler.generate(cfg, params, prompts, max_new_tokens=N, temperature=1.0, top_k=0,
-                           top_p=1.0, eos_id=-1, seed=seed)
+                           top_p=1.0, eos_id=-1, seed=seed, engine=engine)
     assert all(len(t) == N for t in out.tokens), "a row stopped early: the counts would be wrong"
     return out
 
@@ -220,13 +221,14 @@ def bench_cpu(size: str, args, peak: float) -> Row:
     cfg, params, prompts = _setup(size, args)
     B, N = args.batch, args.new_tokens
 
-    first = _timed(lambda: run_ours(cfg, params, prompts, N, seed=0))
+    first = _timed(lambda: run_ours(cfg, params, prompts, N, seed=0, engine=args.engine))
     ours_t: list[float] = []
     hf_t: dict[int, list[float]] = {th: [] for th in ([] if args.skip_hf else args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
         workers = {th: HFWorker(cfg, params, prompts, N, th, tmp) for th in hf_t}
         for r in range(args.repeats):
-            ours_t.append(_timed(lambda: run_ours(cfg, params, prompts, N, seed=r + 1)))
+            ours_t.append(_timed(lambda: run_ours(cfg, params, prompts, N, seed=r + 1,
+                                                  engine=args.engine)))
             for th, worker in workers.items():
                 hf_t[th].append(worker.time_generate(seed=r + 1))
         for worker in workers.values():
@@ -242,20 +244,27 @@ def bench_cpu(size: str, args, peak: float) -> Row:
 
 
 def bench_gpu(args) -> Row:
+    """The Qwen2.5-0.5B shape on the device. The HBM roofline counts, per decode step, the weights
+    once plus the K/V of the slots each row has filled by then (what a ragged kernel must read);
+    the dense cache (prompt bucket + N slots every step) is printed beside it."""
     cfg, params, prompts = _setup("qwen2.5-0.5b", args)
     B, N = args.batch, args.new_tokens
-    first = _timed(lambda: run_ours(cfg, params, prompts, N, seed=0))
-    times = [_timed(lambda: run_ours(cfg, params, prompts, N, seed=r + 1))
+    first = _timed(lambda: run_ours(cfg, params, prompts, N, seed=0, engine=args.engine))
+    times = [_timed(lambda: run_ours(cfg, params, prompts, N, seed=r + 1, engine=args.engine))
              for r in range(args.repeats)]
     total_s = statistics.median(times)
-    prefill_s = time_prefill(cfg, params, prompts, N)
+    prefill_s = time_prefill(cfg, params, prompts, N)  # the dense sampler's prefill, subtracted
     decode_s = max(total_s - prefill_s, 1e-9)
     S = sampler.bucket(args.prompt_len) + N
     Bp = sampler._batch_bucket(B, 1)
-    bw_frac = N * decode_step_bytes(cfg, Bp, S) / decode_s / args.peak_bw
-    print(f"device {jax.devices()[0].device_kind}: total {total_s:.3f}s, prefill {prefill_s:.3f}s, "
-          f"decode {decode_s:.3f}s for {N} steps ({decode_s / N * 1e3:.2f} ms/step), "
-          f"{decode_step_bytes(cfg, Bp, S) / 1e9:.2f} GB read per step")
+    weights = decode_step_bytes(cfg, 0, 0)
+    slot = decode_step_bytes(cfg, 1, 1) - weights  # K and V of one row's slot, all layers
+    filled = N * weights + slot * B * sum(args.prompt_len + t for t in range(1, N + 1))
+    bw_frac = filled / decode_s / args.peak_bw
+    print(f"device {jax.devices()[0].device_kind}, engine {args.engine}: total {total_s:.3f}s, "
+          f"prefill {prefill_s:.3f}s, decode {decode_s:.3f}s for {N} steps "
+          f"({decode_s / N * 1e3:.2f} ms/step); per step {filled / N / 1e9:.2f} GB weights + "
+          f"filled K/V (the dense cache would be {decode_step_bytes(cfg, Bp, S) / 1e9:.2f} GB)")
     return Row(size="qwen2.5-0.5b", params=cfg.num_params(), ours_tps=B * N / decode_s, hf_tps={},
                compile_s=max(0.0, first - total_s), bw_frac=bw_frac, prefill_s=prefill_s)
 
@@ -274,6 +283,8 @@ def main() -> None:
                         "ratio is against the fastest. On an oversubscribed CPU, OpenMP with as "
                         "many threads as cores can be several times slower than 1 thread.")
     p.add_argument("--num_layers", type=int, default=0, help="override the presets' depth")
+    p.add_argument("--engine", default="continuous", choices=("continuous", "grouped", "dense"),
+                   help="sampler.generate's engine (CPU runs)")
     p.add_argument("--skip_hf", action="store_true", help="time ours only")
     p.add_argument("--gpu", action="store_true", help="Qwen2.5-0.5B shape in bf16 on the device")
     p.add_argument("--peak_bw", type=float, default=3.35e12, help="HBM bytes/s (H100 SXM)")
@@ -286,14 +297,14 @@ def main() -> None:
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s)), "
           f"{os.cpu_count()} CPU cores; batch {args.batch}, prompt {args.prompt_len}, "
-          f"new tokens {args.new_tokens}, repeats {args.repeats}; "
+          f"new tokens {args.new_tokens}, repeats {args.repeats}, engine {args.engine}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     if args.gpu:
         row = bench_gpu(args)
         print("\n| size | params | decode tok/s | compile s | HBM roofline fraction |\n"
               "|---|---|---|---|---|")
         print(f"| {row.size} | {row.params:,} | {row.ours_tps:,.0f} | {row.compile_s:.1f} | "
-              f"{row.bw_frac:.1%} (peak {args.peak_bw:.3g} B/s) |")
+              f"{row.bw_frac:.1%} of weights + filled K/V (peak {args.peak_bw:.3g} B/s) |")
         return
 
     peak = peak_matmul_flops()
