@@ -410,6 +410,88 @@ def _ragged_decode_local(q_BxKxRxE, k_all, v_all, layer_1, len_B, *, block: int,
         cost_estimate=cost, interpret=interpret)(len_B, layer_1, q_BxKxRxE, k_all, v_all)
 
 
+# The GPU kernel's key block: a [64, E] tile of K and of V per loop step (Triton tiles are powers
+# of two; 64 x 128 float32 is 32 KB) and at least 16 query rows per dot (Triton's minimum).
+_GPU_DECODE_BLOCK = 64
+_GPU_MIN_ROWS = 16
+
+
+def _gpu_decode_block(S: int, E: int) -> int | None:
+    """The GPU kernel's key block for a window of S slots and head dim E: the largest power of two
+    <= _GPU_DECODE_BLOCK (and >= 16) that divides S, or None where there is none or E is not a
+    power of two (then the dense attention runs instead)."""
+    if E & (E - 1) or E < 16:
+        return None
+    b = _GPU_DECODE_BLOCK
+    while b >= 16:
+        if S % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def _ragged_decode_gpu_local(q_BxKxRxE, k_all, v_all, layer_1, len_B, *, interpret: bool):
+    """The same ragged decode attention as a Pallas GPU (Triton) kernel: grid (row b, key/value
+    head h); each program reads its query heads, then loops over only ceil(len_B[b] / block) key
+    blocks of layer `layer_1[0]` of the stacked cache, addressed in place (the layer index is a
+    runtime scalar the kernel adds to its pointer, so no per-layer slice is copied first). Online
+    softmax in float32 registers. Query heads are padded to 16 rows for Triton's dot.
+
+    Tested against `attend` in Pallas interpret mode on CPU (tests/test_attention.py); compiled
+    by Triton only on a GPU, which none of this project's test machines has."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    L, B, K, S, E = k_all.shape
+    R = q_BxKxRxE.shape[2]
+    blk = _gpu_decode_block(S, E)
+    Rp = max(_GPU_MIN_ROWS, 1 << (R - 1).bit_length())
+    q_BxKxRpxE = jnp.pad(q_BxKxRxE, ((0, 0), (0, 0), (0, Rp - R), (0, 0)))
+    scale = 1.0 / math.sqrt(E)
+    exact = jnp.dtype(k_all.dtype) == jnp.float32  # no TF32 for float32 caches
+
+    def kernel(len_ref, layer_ref, q_ref, k_ref, v_ref, o_ref):
+        length = len_ref[...]
+        layer = layer_ref[...]
+        q_RpxE = q_ref[...]
+
+        def body(j, carry):
+            acc_RpxE, m_Rp, l_Rp = carry
+            start = pl.multiple_of(j * blk, blk)
+            k_kxE = k_ref[layer, pl.ds(start, blk), :]
+            v_kxE = v_ref[layer, pl.ds(start, blk), :]
+            s_Rpxk = plgpu.dot(q_RpxE.astype(k_kxE.dtype), k_kxE, trans_b=True,
+                               allow_tf32=not exact) * scale
+            slot = start + jnp.arange(blk)
+            s_Rpxk = jnp.where((slot < length)[None, :], s_Rpxk, _NEG)
+            m_new = jnp.maximum(m_Rp, s_Rpxk.max(axis=-1))
+            p_Rpxk = jnp.exp(s_Rpxk - m_new[:, None])
+            corr = jnp.exp(m_Rp - m_new)
+            l_Rp = corr * l_Rp + p_Rpxk.sum(axis=-1)
+            acc_RpxE = corr[:, None] * acc_RpxE + plgpu.dot(
+                p_Rpxk.astype(v_kxE.dtype), v_kxE, allow_tf32=not exact)
+            return acc_RpxE, m_new, l_Rp
+
+        init = (jnp.zeros((Rp, E), jnp.float32), jnp.full((Rp,), _NEG, jnp.float32),
+                jnp.zeros((Rp,), jnp.float32))
+        n = jnp.minimum(pl.cdiv(length, blk), S // blk)
+        acc_RpxE, _, l_Rp = jax.lax.fori_loop(0, n, body, init)
+        o_ref[...] = (acc_RpxE / jnp.maximum(l_Rp, 1e-30)[:, None]).astype(o_ref.dtype)
+
+    row = pl.BlockSpec((None, None, Rp, E), lambda b, h: (b, h, 0, 0))
+    cache = pl.BlockSpec((L, None, None, S, E), lambda b, h: (0, b, h, 0, 0))
+    out = pl.pallas_call(
+        kernel, grid=(B, K),
+        in_specs=[pl.BlockSpec((None,), lambda b, h: (b,)),
+                  pl.BlockSpec((None,), lambda b, h: (0,)), row, cache, cache],
+        out_specs=row,
+        out_shape=jax.ShapeDtypeStruct(q_BxKxRpxE.shape, q_BxKxRxE.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret, name="ragged_decode_gpu",
+    )(len_B, layer_1, q_BxKxRpxE, k_all, v_all)
+    return out[:, :, :R]
+
+
 def ragged_decode_attention(q_BxHxE: jax.Array, k_all: jax.Array, v_all: jax.Array,
                             layer: jax.Array | int, len_B: jax.Array, *,
                             block: int = 512) -> jax.Array:
@@ -421,9 +503,12 @@ def ragged_decode_attention(q_BxHxE: jax.Array, k_all: jax.Array, v_all: jax.Arr
     queries: each kernel step serves a key/value head's R query heads. Equal to `attend` with the
     mask `slot < len_B[b]` (tests/test_attention.py).
 
-    Where it runs: TPU (and an ahead-of-time compile for a TPU topology): the Mosaic kernel. CPU:
-    the same kernel in Pallas interpret mode (tests; slow). Elsewhere (GPU): the dense masked
-    `attend` over the layer (same result). Under a mesh the kernel runs per shard in a shard_map:
+    Where it runs: TPU (and an ahead-of-time compile for a TPU topology): the Mosaic kernel. CUDA
+    GPUs: `_ragged_decode_gpu_local`, a Pallas Triton kernel of the same design (key blocks of
+    64, where one divides the window and the head dim is a power of two; else the dense
+    attention); tested in interpret mode, never yet compiled on a GPU. CPU: the TPU kernel in
+    Pallas interpret mode (tests; slow). Elsewhere: the dense masked `attend` over the layer (same
+    result). Under a mesh the kernel runs per shard in a shard_map:
     rows over the batch axes, key/value heads over the tensor axis where it divides them, cache
     slots never split.
     """
@@ -440,8 +525,11 @@ def ragged_decode_attention(q_BxHxE: jax.Array, k_all: jax.Array, v_all: jax.Arr
             out = attend(q.reshape(q.shape[0], 1, -1, E), k_l, v_l, mask_Bx1xS)
             return out.reshape(q.shape)
         kernel = functools.partial(_ragged_decode_local, block=block)
+        gpu = dense
+        if _gpu_decode_block(k.shape[3], E) is not None:
+            gpu = functools.partial(_ragged_decode_gpu_local, interpret=False)
         return jax.lax.platform_dependent(
-            q, k, v, lay, lens, default=dense,
+            q, k, v, lay, lens, default=dense, cuda=gpu,
             tpu=lambda *a: kernel(a[0], a[1], a[2], a[3], a[4], interpret=False),
             cpu=lambda *a: kernel(a[0], a[1], a[2], a[3], a[4], interpret=True))
 

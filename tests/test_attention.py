@@ -404,6 +404,37 @@ def test_ragged_decode_matches_dense_attend(S, block):
                                                                          q.shape[-1]))
 
 
+@pytest.mark.parametrize("S,R", [(96, 3), (128, 1), (48, 7)])
+def test_ragged_decode_gpu_kernel_matches_dense_attend(S, R):
+    """The GPU (Triton) form of the kernel, run in Pallas interpret mode on CPU, against `attend`
+    under slot < len[b]: key blocks of 32 or 64 or 16 (the largest power of two <= 64 dividing
+    S), lengths 1, a block edge, one past it, mid-block and the whole window, R query heads per
+    key/value head padded to Triton's 16 rows, layer 1 of 3 read in place. On a GPU the same
+    test runs the compiled kernel through `ragged_decode_attention` (bench/gpu_check.sh)."""
+    q, k_all, v_all = _decode_inputs(R=R, S=S, E=32)
+    blk = attention._gpu_decode_block(S, 32)
+    lens = np.array([1, blk, blk + 1, 37 % S + 1, S], np.int32)
+    B, H, E = q.shape
+    if jax.default_backend() == "gpu":
+        f = jax.jit(attention.ragged_decode_attention)
+        got = f(q, k_all, v_all, 1, lens)
+    else:
+        f = jax.jit(functools.partial(attention._ragged_decode_gpu_local, interpret=True))
+        got = f(q.reshape(B, 2, R, E), k_all, v_all, np.array([1], np.int32), lens)
+    mask_Bx1xS = (np.arange(S)[None, :] < lens[:, None])[:, None]
+    want = attention.attend(q[:, None], k_all[1], v_all[1], mask_Bx1xS)[:, 0]
+    assert_close(np.asarray(got).reshape(want.shape), np.asarray(want),
+                 ulps=_attention_ulps(q[:, None], k_all[1], S, E))
+
+
+def test_ragged_decode_gpu_block_choice():
+    assert attention._gpu_decode_block(96, 128) == 32     # largest power of two <= 64 dividing S
+    assert attention._gpu_decode_block(2048, 128) == 64
+    assert attention._gpu_decode_block(48, 64) == 16
+    assert attention._gpu_decode_block(40, 64) is None    # none >= 16 divides: dense attention
+    assert attention._gpu_decode_block(64, 96) is None    # head dim not a power of two: dense
+
+
 def test_ragged_decode_block_choice():
     assert attention._decode_block(96, 512) == 96        # the whole window: one block
     assert attention._decode_block(1536, 512) == 512
