@@ -10,10 +10,10 @@
 #     latex2sympy2-extended antlr4-python3-runtime datasets dill multiprocess
 # and check the Python side on the CPU:  python bench/train_step.py --gpu --dry_run --repeats 1
 #
-# Then on the device (run tool, carry [".whl"], timeout_s 420):   bash bench/gpu_check.sh
+# Then on the device (run tool, carry [".whl"], timeout_s 480):   bash bench/gpu_check.sh
 #
-# Each part has its own `timeout` (30 + 75 + 200 + 75 s: 6.5 minutes at the very worst, about 5
-# expected; the device tool's start-up comes on top). Call it with timeout_s 420. Full logs
+# Each part has its own `timeout` (30 + 75 + 170 + 75 + 75 s: 7.1 minutes at the very worst, about
+# 5.5 expected; the device tool's start-up comes on top). Call it with timeout_s 480. Full logs
 # go to $OUT (or ./gpu_check_out when $OUT is unset); a short summary is printed last.
 set -u
 cd "$(dirname "$0")/.."
@@ -38,12 +38,12 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 TS_ARGS="--repeats 3 --budget_s 130"
 SAMPLER_ARGS="--repeats 3"
 TEST_ENV="JAX_PLATFORMS=cuda"
-TEST_K="(blockwise or cudnn) and not tpu"
+TEST_K="(blockwise or cudnn or ragged) and not tpu"
 if [ "${DRY:-0}" = 1 ]; then
   TS_ARGS="--dry_run --repeats 1 --sizes qwen2.5-0.5b"
   SAMPLER_ARGS="--num_layers 1 --batch 4 --prompt_len 8 --new_tokens 4 --repeats 1"
   TEST_ENV="JAX_PLATFORMS=cpu"
-  TEST_K="blockwise_backward_keeps_no_scores or cudnn"
+  TEST_K="blockwise_backward_keeps_no_scores or cudnn or ragged_decode_gpu"
 fi
 
 declare -A RC SECS
@@ -69,23 +69,28 @@ part attention_tests 75 env $TEST_ENV JAX_DEFAULT_MATMUL_PRECISION=highest \
 
 # The train step: RL per attention per model first, then SFT; no new configuration after 130 s
 # (one takes under a minute: compile, warm-up, 3 timed steps); SIGTERM still prints the table.
-part train_step 200 python3 bench/train_step.py --gpu $TS_ARGS \
+part train_step 170 python3 bench/train_step.py --gpu $TS_ARGS \
   --json "$OUT/train_step.json"
 
 # HBM bandwidth for the sampler's roofline: NVIDIA's datasheet, H200 4.8 TB/s, H100 SXM 3.35 TB/s.
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 case "$GPU_NAME" in *H200*) PEAK_BW=4.8e12 ;; *) PEAK_BW=3.35e12 ;; esac
 part sampler 75 python3 bench/sampler.py --gpu $SAMPLER_ARGS --peak_bw $PEAK_BW
+# The same with the engine's decode steps in the ragged Pallas Triton kernel (each row's filled
+# key blocks only; never run on a GPU before this script).
+part sampler_ragged 75 python3 bench/sampler.py --gpu $SAMPLER_ARGS --peak_bw $PEAK_BW \
+  --decode_attention ragged
 
 echo
 echo "=== summary ($(( $(date +%s) - T0 ))s in all; logs in $OUT)"
-for name in env attention_tests train_step sampler; do
+for name in env attention_tests train_step sampler sampler_ragged; do
   printf '%-16s rc %-4s %4ss\n' "$name" "${RC[$name]}" "${SECS[$name]}"
 done
 echo
 grep -E '^[0-9]+ (passed|failed)|passed|failed|error' "$OUT/attention_tests.log" | tail -n 2
-grep -E '^jax |^device|^peak' "$OUT/train_step.log" "$OUT/sampler.log" | head -n 4
+grep -E '^jax |^device|^peak' "$OUT/train_step.log" "$OUT/sampler.log" "$OUT/sampler_ragged.log" \
+  | head -n 6
 echo
 sed -n '/^| model /,$p' "$OUT/train_step.log"
 echo
-sed -n '/^| size /,$p' "$OUT/sampler.log"
+sed -n '/^| size /,$p' "$OUT/sampler.log" "$OUT/sampler_ragged.log"

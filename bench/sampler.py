@@ -211,6 +211,7 @@ def _setup(preset: str, args):
     cfg = PRESETS[preset]
     if args.num_layers:
         cfg = cfg.replace(num_layers=args.num_layers)
+    cfg = cfg.replace(decode_attention=args.decode_attention)
     params = model.init_params(cfg, jax.random.key(0))
     rng = np.random.RandomState(0)
     prompts = rng.randint(0, cfg.vocab_size, (args.batch, args.prompt_len)).tolist()
@@ -261,7 +262,8 @@ def bench_gpu(args) -> Row:
     slot = decode_step_bytes(cfg, 1, 1) - weights  # K and V of one row's slot, all layers
     filled = N * weights + slot * B * sum(args.prompt_len + t for t in range(1, N + 1))
     bw_frac = filled / decode_s / args.peak_bw
-    print(f"device {jax.devices()[0].device_kind}, engine {args.engine}: total {total_s:.3f}s, "
+    print(f"device {jax.devices()[0].device_kind}, engine {args.engine} "
+          f"({args.decode_attention} attention): total {total_s:.3f}s, "
           f"prefill {prefill_s:.3f}s, decode {decode_s:.3f}s for {N} steps "
           f"({decode_s / N * 1e3:.2f} ms/step); per step {filled / N / 1e9:.2f} GB weights + "
           f"filled K/V (the dense cache would be {decode_step_bytes(cfg, Bp, S) / 1e9:.2f} GB)")
@@ -284,7 +286,10 @@ def main() -> None:
                         "many threads as cores can be several times slower than 1 thread.")
     p.add_argument("--num_layers", type=int, default=0, help="override the presets' depth")
     p.add_argument("--engine", default="continuous", choices=("continuous", "grouped", "dense"),
-                   help="sampler.generate's engine (CPU runs)")
+                   help="sampler.generate's engine")
+    p.add_argument("--decode_attention", default="xla", choices=("xla", "ragged"),
+                   help="ModelConfig.decode_attention for the engines' decode steps: 'ragged' is "
+                        "the Pallas kernel (TPU, CUDA GPU; interpret mode on CPU, slow)")
     p.add_argument("--skip_hf", action="store_true", help="time ours only")
     p.add_argument("--gpu", action="store_true", help="Qwen2.5-0.5B shape in bf16 on the device")
     p.add_argument("--peak_bw", type=float, default=3.35e12, help="HBM bytes/s (H100 SXM)")
@@ -297,7 +302,8 @@ def main() -> None:
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s)), "
           f"{os.cpu_count()} CPU cores; batch {args.batch}, prompt {args.prompt_len}, "
-          f"new tokens {args.new_tokens}, repeats {args.repeats}, engine {args.engine}; "
+          f"new tokens {args.new_tokens}, repeats {args.repeats}, engine {args.engine}, "
+          f"decode attention {args.decode_attention}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     if args.gpu:
         row = bench_gpu(args)

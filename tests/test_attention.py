@@ -427,6 +427,23 @@ def test_ragged_decode_gpu_kernel_matches_dense_attend(S, R):
                  ulps=_attention_ulps(q[:, None], k_all[1], S, E))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_ragged_decode_lowers_to_one_triton_kernel_for_cuda(dtype):
+    """Without a GPU: a Qwen2.5-7B-shaped decode step's ragged attention (28 query / 4 key-value
+    heads, E = 128, a 2,048-slot window of a 28-layer cache) lowers for CUDA through Pallas's
+    Triton lowering to one Triton kernel whose operands are the whole stacked cache (read in
+    place: no slice of a layer's window first). What is left to a GPU: Triton's own compile."""
+    L, B, K, H, S, E = 28, 16, 4, 28, 2048, 128
+    sds = jax.ShapeDtypeStruct
+    args = (sds((B, H, E), dtype), sds((L, B, K, S, E), dtype), sds((L, B, K, S, E), dtype),
+            sds((), jnp.int32), sds((B,), jnp.int32))
+    text = jax.jit(attention.ragged_decode_attention).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 1
+    window = f"tensor<{B}x{K}x{S}x{E}x"
+    assert not [ln for ln in text.splitlines() if "dynamic_slice" in ln and window in ln]
+
+
 def test_ragged_decode_gpu_block_choice():
     assert attention._gpu_decode_block(96, 128) == 32     # largest power of two <= 64 dividing S
     assert attention._gpu_decode_block(2048, 128) == 64
