@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from f32 import EPS32, assert_close, decoder_ulps
-from relift_jax import engine, losses, model, sampler
+from relift_jax import attention, engine, losses, model, sampler
 
 LENGTHS = (3, 11, 17, 6, 25, 9)   # mixed prompt lengths
 N = 40
@@ -71,11 +71,20 @@ def test_greedy_equals_the_dense_sampler(tiny_checkpoints):
 
 @pytest.mark.parametrize("engine_name,decode_attention", [("continuous", "xla"),
                                                           ("grouped", "xla"),
-                                                          ("continuous", "ragged")])
-def test_sampled_logprobs_equal_forward(tiny_checkpoints, engine_name, decode_attention):
+                                                          ("continuous", "ragged"),
+                                                          ("grouped", "ragged_gpu")])
+def test_sampled_logprobs_equal_forward(tiny_checkpoints, engine_name, decode_attention,
+                                        monkeypatch):
     """Every sampled token's log-prob equals a full forward pass over prompt + response (also with
-    the ragged decode kernel, which reads each row's filled blocks only)."""
+    the ragged decode kernel, which reads each row's filled blocks only: its TPU form, and its GPU
+    (Triton) form put in its place, both in Pallas interpret mode here)."""
     cfg, params, prompts, stops = _setup(tiny_checkpoints)
+    if decode_attention == "ragged_gpu":
+        monkeypatch.setattr(attention, "_ragged_decode_local",
+                            lambda q, k, v, lay, lens, block, interpret:
+                            attention._ragged_decode_gpu_local(q, k, v, lay, lens,
+                                                               interpret=True))
+        decode_attention = "ragged"
     sample_cfg = cfg.replace(decode_attention=decode_attention, decode_attention_block=16)
     out = _run(sample_cfg, params, prompts, stops, temperature=1.0, slots=5, segment_len=8,
                engine=engine_name)
