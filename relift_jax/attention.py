@@ -324,17 +324,22 @@ def cudnn_attention(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.A
 DECODE_IMPLEMENTATIONS = ("xla", "ragged")
 
 
+def _pow2_divisor(S: int, at_most: int, at_least: int) -> int | None:
+    """The largest power of two in [at_least, at_most] that divides S, or None."""
+    b = 1 << (at_most.bit_length() - 1)
+    while b >= at_least:
+        if S % b == 0:
+            return b
+        b //= 2
+    return None
+
+
 def _decode_block(S: int, block: int) -> int:
     """The key block of `ragged_decode_attention`: S itself when S <= block, else the largest
     power of two <= block (and >= 8) that divides S, else S (one block, still correct)."""
     if S <= block:
         return S
-    b = 1 << (block.bit_length() - 1)
-    while b >= 8:
-        if S % b == 0:
-            return b
-        b //= 2
-    return S
+    return _pow2_divisor(S, block, 8) or S
 
 
 def _ragged_decode_local(q_BxKxRxE, k_all, v_all, layer_1, len_B, *, block: int,
@@ -422,12 +427,7 @@ def _gpu_decode_block(S: int, E: int) -> int | None:
     power of two (then the dense attention runs instead)."""
     if E & (E - 1) or E < 16:
         return None
-    b = _GPU_DECODE_BLOCK
-    while b >= 16:
-        if S % b == 0:
-            return b
-        b //= 2
-    return None
+    return _pow2_divisor(S, _GPU_DECODE_BLOCK, 16)
 
 
 def _ragged_decode_gpu_local(q_BxKxRxE, k_all, v_all, layer_1, len_B, *, interpret: bool):
